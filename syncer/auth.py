@@ -1,0 +1,218 @@
+"""Registry authentication: the 401 challenge, Basic, and the Docker Bearer token flow.
+
+The flow (distribution's ``docs/spec/auth/token.md``, used by Docker Hub, Harbor, ACR, GHCR):
+
+1. A request without (valid) credentials answers 401 with
+   ``WWW-Authenticate: Bearer realm="https://auth/token",service="registry",scope="..."``.
+2. We GET ``realm?service=...&scope=repository:<name>:pull,push`` — the scope parameter may
+   repeat (a cross-repo mount needs ``pull`` on the source repository as well) — sending Basic
+   credentials if we have any, or POST an OAuth2 refresh token (docker's ``identitytoken``).
+3. The answer is ``{"token"|"access_token": ..., "expires_in": seconds}``; the token is cached
+   per scope set until shortly before it expires, and the request is retried once with
+   ``Authorization: Bearer <token>``.
+
+A ``Basic`` challenge is answered with the credentials directly, and from then on sent up front.
+Redirects are followed by requests, which drops ``Authorization`` when the host changes — that
+matters because real registries redirect blob GETs to object storage.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import requests
+
+from syncer.credentials import Credentials
+from syncer.errors import AuthenticationError, ServerError, TransportError
+from syncer.reference import api_host
+
+# Refresh a token this many seconds before the registry would reject it.
+_EXPIRY_MARGIN = 10.0
+# distribution's default when the token server omits expires_in (token.md: "defaults to 60").
+_DEFAULT_EXPIRES_IN = 60.0
+_PARAM_RE = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """A parsed ``WWW-Authenticate`` header."""
+
+    scheme: str  # "basic" or "bearer", lower-cased
+    params: dict[str, str]
+
+
+def parse_challenge(header: str | None) -> Challenge | None:
+    """Parse ``WWW-Authenticate``; None when absent or unparseable."""
+    if not header:
+        return None
+    scheme, _, rest = header.strip().partition(" ")
+    params = {
+        m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
+        for m in _PARAM_RE.finditer(rest)
+    }
+    return Challenge(scheme.lower(), params)
+
+
+def repository_scope(repository: str, actions: str) -> str:
+    """A token scope such as ``repository:library/nginx:pull,push``."""
+    return f"repository:{repository}:{actions}"
+
+
+class TokenCache:
+    """Thread-safe cache of bearer tokens keyed by the requested scope set."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, scopes: tuple[str, ...]) -> str | None:
+        """The cached token for ``scopes`` if it has not (nearly) expired."""
+        with self._lock:
+            found = self._tokens.get(scopes)
+        if found and found[1] > time.monotonic():
+            return found[0]
+        return None
+
+    def put(self, scopes: tuple[str, ...], token: str, expires_in: float) -> None:
+        """Remember ``token`` for ``scopes`` for ``expires_in`` seconds (minus a margin)."""
+        deadline = time.monotonic() + max(expires_in - _EXPIRY_MARGIN, 1.0)
+        with self._lock:
+            self._tokens[scopes] = (token, deadline)
+
+    def drop(self, scopes: tuple[str, ...]) -> None:
+        """Forget the token for ``scopes`` (the registry refused it)."""
+        with self._lock:
+            self._tokens.pop(scopes, None)
+
+
+class Authenticator:
+    """Produces ``Authorization`` headers for one registry host.
+
+    ``header_for`` answers from what is already known (a cached token, or Basic once the
+    registry asked for Basic); ``answer_challenge`` runs the flow after a 401.
+    """
+
+    def __init__(
+        self,
+        registry: str,
+        session: requests.Session,
+        timeout: tuple[float, float],
+        verify: bool | str = True,
+    ):
+        self.registry = registry
+        self._verify = verify
+        self._session = session
+        self._timeout = timeout
+        self._tokens = TokenCache()
+        self._scheme: str | None = None  # learnt from the first challenge
+        self._bearer_params: dict[str, str] = {}
+
+    def header_for(self, scopes: tuple[str, ...], credentials: Credentials) -> str | None:
+        """The Authorization header to send up front, if any is known to be wanted."""
+        if self._scheme == "basic" and credentials:
+            return basic_header(credentials)
+        if self._scheme == "bearer":
+            token = self._tokens.get(scopes)
+            return f"Bearer {token}" if token else None
+        return None
+
+    def answer_challenge(
+        self, response: requests.Response, scopes: tuple[str, ...], credentials: Credentials
+    ) -> str:
+        """Given a 401, return the header to retry with, or raise AuthenticationError."""
+        challenge = parse_challenge(response.headers.get("WWW-Authenticate"))
+        if challenge is None:
+            raise AuthenticationError(
+                "401 without a WWW-Authenticate challenge", registry=self.registry, status=401
+            )
+        self._scheme = challenge.scheme
+        if challenge.scheme == "basic":
+            if not credentials:
+                raise AuthenticationError(
+                    "authentication required and no credentials configured",
+                    registry=self.registry,
+                    status=401,
+                )
+            return basic_header(credentials)
+        if challenge.scheme != "bearer":
+            raise AuthenticationError(
+                f"unsupported auth scheme {challenge.scheme!r}", registry=self.registry, status=401
+            )
+        self._bearer_params = challenge.params
+        self._tokens.drop(scopes)
+        token, expires_in = self._fetch_token(challenge.params, scopes, credentials)
+        self._tokens.put(scopes, token, expires_in)
+        return f"Bearer {token}"
+
+    def _fetch_token(
+        self, params: dict[str, str], scopes: tuple[str, ...], credentials: Credentials
+    ) -> tuple[str, float]:
+        realm = params.get("realm")
+        if not realm:
+            raise AuthenticationError(
+                "Bearer challenge without realm", registry=self.registry, status=401
+            )
+        query: list[tuple[str, str]] = []
+        if params.get("service"):
+            query.append(("service", params["service"]))
+        query.extend(("scope", s) for s in scopes)
+        # A private CA configured for the registry also covers a token server on the same
+        # host; any other realm (auth.docker.io, …) is verified against the system store.
+        same_host = urlparse(realm).netloc == api_host(self.registry)
+        verify = self._verify if (same_host or self._verify is False) else True
+        try:
+            if credentials.identity_token:
+                response = self._session.post(
+                    realm,
+                    data=[
+                        *query,
+                        ("grant_type", "refresh_token"),
+                        ("client_id", "image-syncer-py"),
+                        ("refresh_token", credentials.identity_token),
+                    ],
+                    timeout=self._timeout,
+                    verify=verify,
+                )
+            else:
+                headers = {"Authorization": basic_header(credentials)} if credentials else {}
+                response = self._session.get(
+                    realm, params=query, headers=headers, timeout=self._timeout, verify=verify
+                )
+        except requests.RequestException as exc:
+            raise TransportError(
+                f"token server unreachable: {type(exc).__name__}", registry=self.registry
+            ) from None
+        if response.status_code in (401, 403):
+            who = "the configured credentials were" if credentials else "anonymous access was"
+            raise AuthenticationError(
+                f"token server refused: {who} rejected (HTTP {response.status_code})",
+                registry=self.registry,
+                status=response.status_code,
+            )
+        if response.status_code >= 500 or response.status_code == 429:
+            raise ServerError(
+                f"token server answered HTTP {response.status_code}",
+                registry=self.registry,
+                status=response.status_code,
+            )
+        try:
+            body = response.json()
+            token = body.get("token") or body.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if response.status_code != 200 or not token:
+            raise AuthenticationError(
+                f"token server gave no token (HTTP {response.status_code})",
+                registry=self.registry,
+                status=response.status_code,
+            )
+        return str(token), float(body.get("expires_in") or _DEFAULT_EXPIRES_IN)
+
+
+def basic_header(credentials: Credentials) -> str:
+    """The ``Authorization: Basic`` value for ``credentials``."""
+    return requests.auth._basic_auth_str(credentials.username, credentials.password)

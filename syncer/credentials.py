@@ -1,0 +1,162 @@
+"""Where credentials come from: auth-file entries and docker's ``config.json``.
+
+An auth entry is keyed by ``registry`` or ``registry/namespace``; for a given repository the
+entry with the **longest matching prefix** wins (so ``harbor:8443/team-a`` can carry other
+credentials than ``harbor:8443``). When no entry carries credentials, docker's config.json
+(``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``) is asked.
+
+Secrets never leave this module in printable form: :class:`Credentials` hides them in
+``repr`` so a log line or traceback that shows one prints ``***``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from syncer.reference import normalize_registry
+
+# docker login stores Docker Hub credentials under this legacy key.
+_DOCKER_HUB_CONFIG_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A username/password pair, or an OAuth2 refresh token (docker's ``identitytoken``)."""
+
+    username: str = field(default="", repr=False)
+    password: str = field(default="", repr=False)
+    identity_token: str = field(default="", repr=False)
+
+    def __repr__(self) -> str:
+        return f"Credentials(username={'***' if self.username else ''!r}, secret=***)"
+
+    def __bool__(self) -> bool:
+        return bool(self.username or self.password or self.identity_token)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The secret strings, for scrubbing them out of any text."""
+        return tuple(s for s in (self.password, self.identity_token) if s)
+
+
+@dataclass(frozen=True)
+class AuthEntry:
+    """One entry of an auth file: how to talk to ``prefix`` (``registry[/namespace]``)."""
+
+    prefix: str
+    credentials: Credentials = field(default_factory=Credentials)
+    insecure: bool = False
+    ca_file: str | None = None
+
+    @property
+    def registry(self) -> str:
+        """The registry host part of the prefix."""
+        return self.prefix.split("/", 1)[0]
+
+
+def _matches(prefix: str, registry: str, repository: str) -> bool:
+    host, _, namespace = prefix.partition("/")
+    if normalize_registry(host) != registry:
+        return False
+    if not namespace:
+        return True
+    return repository == namespace or repository.startswith(namespace.rstrip("/") + "/")
+
+
+class CredentialStore:
+    """Answers "which credentials and TLS settings for this repository?".
+
+    ``entries`` come from the auth file (already validated and ``$VAR``-expanded);
+    ``docker_config`` is a path to docker's config.json, ``None`` for the default location,
+    or ``False`` to ignore docker's config entirely.
+    """
+
+    def __init__(
+        self, entries: list[AuthEntry] | None = None, docker_config: str | Path | bool | None = None
+    ):
+        self._entries = sorted(entries or [], key=lambda e: len(e.prefix), reverse=True)
+        self._docker_auths = _load_docker_auths(docker_config)
+
+    def entry_for(self, registry: str, repository: str = "") -> AuthEntry:
+        """The settings for ``registry/repository``: longest matching auth-file prefix, with
+        docker config.json credentials filled in when the entry carries none."""
+        registry = normalize_registry(registry)
+        entry = next((e for e in self._entries if _matches(e.prefix, registry, repository)), None)
+        if entry is None:
+            entry = AuthEntry(prefix=registry)
+        if not entry.credentials:
+            docker = self._docker_auths.get(registry)
+            if docker:
+                entry = AuthEntry(entry.prefix, docker, entry.insecure, entry.ca_file)
+        return entry
+
+    def registry_settings(self, registry: str) -> AuthEntry:
+        """The registry-wide entry (for TLS decisions, which are per host, not per namespace)."""
+        registry = normalize_registry(registry)
+        candidates = [e for e in self._entries if normalize_registry(e.registry) == registry]
+        insecure = any(e.insecure for e in candidates)
+        ca_file = next((e.ca_file for e in candidates if e.ca_file), None)
+        return AuthEntry(prefix=registry, insecure=insecure, ca_file=ca_file)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret this store knows, for scrubbing log text."""
+        found: list[str] = []
+        for entry in self._entries:
+            found.extend(entry.credentials.secrets)
+        for creds in self._docker_auths.values():
+            found.extend(creds.secrets)
+        return tuple(found)
+
+
+def docker_config_path() -> Path:
+    """Where docker keeps config.json: ``$DOCKER_CONFIG`` or ``~/.docker``."""
+    base = os.environ.get("DOCKER_CONFIG")
+    return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
+
+
+def _load_docker_auths(path: str | Path | bool | None) -> dict[str, Credentials]:
+    if path is False:
+        return {}
+    path = docker_config_path() if path in (None, True) else Path(path)  # type: ignore[arg-type]
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    auths = doc.get("auths") if isinstance(doc, dict) else None
+    if not isinstance(auths, dict):
+        return {}
+    found: dict[str, Credentials] = {}
+    for key, value in auths.items():
+        if not isinstance(value, dict):
+            continue
+        creds = _docker_entry_credentials(value)
+        if not creds:
+            continue
+        host = "docker.io" if key in _DOCKER_HUB_CONFIG_KEYS else _strip_scheme(key)
+        found[normalize_registry(host)] = creds
+    return found
+
+
+def _strip_scheme(key: str) -> str:
+    for scheme in ("https://", "http://"):
+        if key.startswith(scheme):
+            key = key[len(scheme) :]
+    return key.split("/", 1)[0]
+
+
+def _docker_entry_credentials(value: dict) -> Credentials:
+    username = str(value.get("username") or "")
+    password = str(value.get("password") or "")
+    token = str(value.get("identitytoken") or "")
+    encoded = value.get("auth")
+    if encoded and not (username and password):
+        try:
+            username, _, password = base64.b64decode(encoded).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return Credentials()
+    return Credentials(username=username, password=password, identity_token=token)

@@ -1,0 +1,67 @@
+"""Embedded execution: run a plan's jobs on a thread pool in this process (no Redis).
+
+Each job is attempted under the shared retry policy; a failure is recorded with its reason
+and never stops the other jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from syncer.copier import ImageCopier
+from syncer.jobs import Job, Plan
+from syncer.ledger import Ledger
+from syncer.retry import RetryPolicy, call_with_retries
+from syncer.runner import attempt_job, describe_error
+
+log = logging.getLogger("syncer.local")
+
+
+def run_plan(
+    plan: Plan,
+    copier: ImageCopier,
+    ledger: Ledger,
+    *,
+    policy: RetryPolicy,
+    workers: int = 5,
+    on_bytes: Callable[[int], None] | None = None,
+    on_job_done: Callable[[], None] | None = None,
+) -> None:
+    """Run every job of ``plan``, ``workers`` at a time, recording outcomes in ``ledger``."""
+    ledger.begin(plan.jobs, plan.failures)
+    for failure in plan.failures:
+        log.error("failed %s: %s", failure.label, failure.reason)
+
+    def run(job: Job) -> None:
+        def attempt():
+            ledger.mark_running(job.id)
+            return attempt_job(copier, job, on_bytes)
+
+        def note_retry(number: int, exc: BaseException, delay: float) -> None:
+            reason = describe_error(exc)
+            ledger.mark_retrying(job.id, reason)
+            log.warning(
+                "retry %d/%d in %.1fs for %s: %s",
+                number,
+                policy.max_retries,
+                delay,
+                job.label,
+                reason,
+            )
+
+        try:
+            result = call_with_retries(attempt, policy, on_retry=note_retry)
+        except Exception as exc:
+            reason = describe_error(exc)
+            ledger.mark_failed(job.id, reason)
+            log.error("failed %s: %s", job.label, reason)
+        else:
+            ledger.mark_done(job.id, result.to_dict())
+            log.info("%s", result.summary())
+        if on_job_done is not None:
+            on_job_done()
+
+    with ThreadPoolExecutor(max(workers, 1), thread_name_prefix="image") as pool:
+        list(pool.map(run, plan.jobs))

@@ -1,0 +1,62 @@
+"""What a run tells its user at the end: the summary text and the success/failure files.
+
+Shared by ``syncer sync`` (embedded), ``syncer plan --wait`` and ``syncer status``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from syncer.copier import human_bytes
+from syncer.ledger import JobRecord, RunSummary
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def exit_code(summary: RunSummary) -> int:
+    """0 when every image landed (synced or already up to date), 1 when any failed."""
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def render_summary(summary: RunSummary) -> str:
+    """The end-of-run summary: totals, blob figures, duration and every failure."""
+    rate = summary.bytes_copied / summary.duration if summary.duration else 0.0
+    lines = [
+        f"Run {summary.run_id}: {summary.total} images: {summary.synced} synced, "
+        f"{summary.skipped} skipped (unchanged), {summary.failed} failed"
+        + (f", {summary.pending} pending" if summary.pending else ""),
+        f"Blobs: {summary.blobs_copied} copied ({human_bytes(summary.bytes_copied)}), "
+        f"{summary.blobs_mounted} mounted, {summary.blobs_existing} already present; "
+        f"{summary.manifests_pushed} manifests pushed",
+        f"Duration: {summary.duration:.1f}s ({human_bytes(rate)}/s)",
+    ]
+    if summary.failures:
+        lines.append(f"Failures ({len(summary.failures)}):")
+        lines.extend(f"  {record.label}: {record.reason}" for record in summary.failures)
+    return "\n".join(lines)
+
+
+def images_document(records: list[JobRecord]) -> dict[str, str | list[str]]:
+    """An image-syncer ``images`` mapping (source → destination or list) for ``records``,
+    so a failed-images file can be fed back as ``--images`` to retry just those."""
+    mapping: dict[str, list[str]] = {}
+    for record in records:
+        mapping.setdefault(record.source, [])
+        if record.destination not in mapping[record.source]:
+            mapping[record.source].append(record.destination)
+    return {src: dsts[0] if len(dsts) == 1 else dsts for src, dsts in mapping.items()}
+
+
+def write_images_file(path: str | Path, records: list[JobRecord], fmt: str) -> None:
+    """Write ``records`` as an images file in ``fmt`` (``yaml`` or ``json``)."""
+    document = images_document(records)
+    if fmt == "json":
+        text = json.dumps(document, indent=2) + "\n"
+    else:
+        text = yaml.safe_dump(document, sort_keys=False) if document else "{}\n"
+    Path(path).write_text(text, encoding="utf-8")

@@ -1,0 +1,37 @@
+"""Run one job: the piece both executors share (the thread pool and the Celery task).
+
+``attempt_job`` makes one attempt and lets errors out, so that each executor applies the
+one :class:`~syncer.retry.RetryPolicy` in its own way (a sleep in a thread, or a Celery retry
+with a countdown). ``describe_error`` turns any failure into the one-line reason the ledger,
+the summary and the failed-images file show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from syncer.copier import CopyResult, ImageCopier
+from syncer.errors import SyncerError
+from syncer.jobs import Job
+from syncer.reference import parse_reference
+
+
+def attempt_job(
+    copier: ImageCopier, job: Job, on_bytes: Callable[[int], None] | None = None
+) -> CopyResult:
+    """Copy ``job.source`` to ``job.destination`` once."""
+    source = parse_reference(job.source)
+    destination = parse_reference(job.destination)
+    return copier.copy(
+        source, destination, platforms=job.platforms, force=job.force, on_bytes=on_bytes
+    )
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line reason for a failed job (no traceback, no secrets: texts come from status
+    codes and registry error codes only)."""
+    if isinstance(exc, SyncerError):
+        text = str(exc)
+    else:
+        text = f"internal error: {type(exc).__name__}: {exc}"
+    return " ".join(text.split())

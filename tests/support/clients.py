@@ -1,0 +1,45 @@
+"""Build the project's own client objects (credential store, auth files) for test registries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from syncer.credentials import AuthEntry, Credentials, CredentialStore
+from syncer.registry import Registries
+from tests.support.registry import RegistryProcess
+
+
+def auth_entry(reg: RegistryProcess, *, user: str | None = None, password: str | None = None,
+               ca: bool = True, insecure: bool = False) -> AuthEntry:
+    """An auth entry for ``reg``: its admin credentials (or ``user``/``password``) and CA."""
+    creds = Credentials()
+    if reg.users:
+        user = user or "admin"
+        creds = Credentials(user, password if password is not None else reg.users[user])
+    return AuthEntry(reg.host, creds, insecure=insecure,
+                     ca_file=str(reg.ca_file) if (ca and reg.ca_file) else None)
+
+
+def registries_for(*regs: RegistryProcess, **overrides) -> Registries:
+    """A :class:`Registries` pool that can talk to each of ``regs`` as its admin."""
+    return Registries(CredentialStore([auth_entry(r, **overrides) for r in regs],
+                                      docker_config=False))
+
+
+def write_auth_file(path: Path, *regs: RegistryProcess, **overrides) -> Path:
+    """Write an image-syncer auth file (JSON) for ``regs``; returns ``path``."""
+    document = {}
+    for reg in regs:
+        entry = auth_entry(reg, **overrides)
+        item: dict = {}
+        if entry.credentials:
+            item["username"] = entry.credentials.username
+            item["password"] = entry.credentials.password
+        if entry.insecure:
+            item["insecure"] = True
+        if entry.ca_file:
+            item["ca_file"] = entry.ca_file
+        document[reg.host] = item
+    path.write_text(json.dumps(document, indent=2))
+    return path

@@ -1,0 +1,170 @@
+"""The ``syncer`` command: the embedded commands of :mod:`syncer.cli` plus the distributed
+ones — ``plan`` (enqueue a run), ``status`` (read a run's ledger), ``worker`` and ``flower``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+
+import click
+import redis
+
+from syncer.cli import (
+    _guard,
+    cli,
+    fail_usage,
+    finish,
+    prepare,
+    print_json,
+    rule_options,
+    sync_options,
+)
+from syncer.config import load_auth_file
+from syncer.errors import ConfigError
+from syncer.logsetup import configure_logging
+from syncer.progress import ProgressView
+from syncer.redis_ledger import RedisLedger, RunNotFound
+from syncer.report import render_summary
+
+
+def _redis() -> redis.Redis:
+    from workers.context import redis_client
+
+    return redis_client()
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id such as ``run-20261128-031500-3f9a``."""
+    return time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+@cli.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@sync_options
+@click.option("--wait", is_flag=True, help="Follow the run until it ends; exit like 'sync'.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run (or final summary) as JSON.")
+def plan(config, config_file, wait, as_json, dry_run, log_file, **options) -> None:
+    """List source tags, create a run in Redis and enqueue one task per image.
+
+    CONFIG is the legacy single config file (same as --config).
+    """
+    from workers.tasks import sync_image
+
+    config_file = config or config_file
+    if dry_run:
+        fail_usage(["plan: --dry-run belongs to 'syncer sync --dry-run'"])
+    success_file = options.pop("output_success_images")
+    failed_file = options.pop("output_failed_images")
+    fmt = options.pop("output_images_format")
+    prepared = prepare(config_file, options.pop("auth_file"), options.pop("images_file"),
+                       log_file=log_file, **options)
+    run_id = new_run_id()
+    ledger = RedisLedger(_redis(), run_id)
+    ledger.begin(prepared.plan.jobs, prepared.plan.failures, retries=options["retries"])
+    for job in prepared.plan.jobs:
+        sync_image.apply_async(
+            args=(run_id, job.to_dict(), options["retries"]),
+            argsrepr=f"({run_id!r}, {job.label!r})",  # what Flower and logs show
+        )
+    prepared.registries.close()
+    if not wait:
+        if as_json:
+            print_json({"run_id": run_id, "jobs": len(prepared.plan.jobs),
+                        "failures": [f.to_dict() for f in prepared.plan.failures]})
+        else:
+            click.echo(run_id)
+        return
+    click.echo(f"run {run_id}: {len(prepared.plan.jobs)} images enqueued", err=True)
+    summary = wait_for(ledger, show_progress=sys.stderr.isatty() and not as_json)
+    if as_json:
+        print_json(summary.to_dict())
+        sys.exit(1 if summary.failed else 0)
+    finish(summary, success_file, failed_file, fmt)
+
+
+def wait_for(ledger: RedisLedger, *, show_progress: bool, poll: float = 0.5):
+    """Poll the ledger until every job is final; return the final summary."""
+    with ProgressView(ledger.summary, enabled=show_progress):
+        while True:
+            summary = _read_summary(ledger)
+            if summary is not None and summary.complete:
+                return summary
+            time.sleep(poll)
+
+
+def _read_summary(ledger: RedisLedger):
+    try:
+        return ledger.summary()
+    except redis.ConnectionError:
+        return None  # Redis restarting: keep waiting
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--watch", is_flag=True, help="Keep watching until the run ends.")
+def status(run_id, as_json, watch) -> None:
+    """Show a run's totals, rates and failures (from any host with access to Redis)."""
+    ledger = RedisLedger(_redis(), run_id)
+    try:
+        summary = wait_for(ledger, show_progress=sys.stderr.isatty()) if watch else ledger.summary()
+    except RunNotFound:
+        click.echo(f"error: no run {run_id!r} in Redis (wrong id, or expired)", err=True)
+        sys.exit(2)
+    if as_json:
+        print_json(summary.to_dict())
+    else:
+        click.echo(render_summary(summary))
+    sys.exit(1 if summary.failed else 0)
+
+
+@cli.command()
+@click.option("-c", "--concurrency", default=4, show_default=True, type=click.IntRange(1, 256),
+              help="Images copied at once by this worker.")
+@click.option("--pool", type=click.Choice(["prefork", "threads"]), default="prefork",
+              show_default=True, help="Celery pool (prefork: isolation and time limits).")
+@click.option("--auth", "auth_file", type=click.Path(dir_okay=False), help="This host's auth file.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="A config whose 'auth' section this worker uses.")
+@click.option("-n", "--hostname", default=None, help="Node name (default: syncer@%h).")
+@click.option("-l", "--loglevel", default="INFO", show_default=True)
+def worker(concurrency, pool, auth_file, config_file, hostname, loglevel) -> None:
+    """Start a Celery worker that copies images (credentials from this host's files)."""
+    try:
+        if config_file:
+            entries = load_auth_file(config_file, section="auth")
+            os.environ["SYNCER_CONFIG_FILE"] = os.path.abspath(config_file)
+        elif auth_file:
+            entries = load_auth_file(auth_file)
+            os.environ["SYNCER_AUTH_FILE"] = os.path.abspath(auth_file)
+        else:
+            entries = []
+    except ConfigError as exc:
+        fail_usage(exc.problems)
+    from syncer.credentials import CredentialStore
+    from workers.app import app
+
+    configure_logging(log_file=None, secrets=CredentialStore(entries).secrets)
+    argv = ["worker", f"--concurrency={concurrency}", f"--pool={pool}", f"--loglevel={loglevel}",
+            "--task-events", f"--hostname={hostname or 'syncer@%h'}", "--without-gossip",
+            "--without-mingle"]
+    app.worker_main(argv)
+
+
+@cli.command()
+@click.option("--port", default=5555, show_default=True, type=int)
+@click.option("--address", default="127.0.0.1", show_default=True)
+def flower(port, address) -> None:
+    """Start Flower on the same broker. Set FLOWER_BASIC_AUTH=user:password to protect it."""
+    from workers.app import app
+
+    # Flower reads FLOWER_BASIC_AUTH (and every FLOWER_* option) from the environment itself;
+    # passing it on the command line would show the password in `ps`.
+    app.start(["flower", f"--port={port}", f"--address={address}"])
+
+
+main = _guard(cli)
+__all__ = ["main", "rule_options"]

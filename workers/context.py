@@ -1,0 +1,73 @@
+"""What a worker process needs to run jobs, built once per process (after the fork).
+
+Credentials come from this host's own files — ``SYNCER_AUTH_FILE`` (an auth file) or
+``SYNCER_CONFIG_FILE`` (a config with an ``auth`` section), else docker's config.json —
+never from the task message.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import redis
+
+from syncer.config import load_auth_file
+from syncer.copier import ImageCopier
+from syncer.credentials import CredentialStore
+from syncer.redis_coordinator import RedisBlobCoordinator
+from syncer.redis_ledger import RedisLedger
+from syncer.registry import Registries
+from workers.settings import redis_url
+
+
+def load_worker_store() -> CredentialStore:
+    """Credentials of this worker host (raises ConfigError on a bad file)."""
+    config_file = os.environ.get("SYNCER_CONFIG_FILE")
+    auth_file = os.environ.get("SYNCER_AUTH_FILE")
+    if config_file:
+        return CredentialStore(load_auth_file(config_file, section="auth"))
+    if auth_file:
+        return CredentialStore(load_auth_file(auth_file))
+    return CredentialStore()
+
+
+def redis_client() -> redis.Redis:
+    """A Redis client for ledgers and blob dedupe, tolerant of a restarting server."""
+    return redis.Redis.from_url(redis_url(), socket_timeout=30, socket_connect_timeout=10,
+                                health_check_interval=15, retry_on_timeout=True)
+
+
+@dataclass
+class WorkerContext:
+    """Per-process state: registry connections, the copier, Redis."""
+
+    registries: Registries
+    copier: ImageCopier
+    redis: redis.Redis
+    secrets: tuple[str, ...]
+
+    def ledger(self, run_id: str) -> RedisLedger:
+        """The ledger of ``run_id``."""
+        return RedisLedger(self.redis, run_id)
+
+
+_context: WorkerContext | None = None
+_context_pid = 0
+_lock = threading.Lock()
+
+
+def get_context() -> WorkerContext:
+    """This process's context, created on first use (and again in a forked child)."""
+    global _context, _context_pid
+    with _lock:
+        if _context is None or _context_pid != os.getpid():
+            store = load_worker_store()
+            registries = Registries(store)
+            client = redis_client()
+            coordinator = RedisBlobCoordinator(client)
+            _context = WorkerContext(registries, ImageCopier(registries, coordinator=coordinator),
+                                     client, store.secrets)
+            _context_pid = os.getpid()
+        return _context

@@ -1,0 +1,60 @@
+"""Celery settings for the syncer, read from the environment.
+
+Every value can be overridden by a settings module named in ``SYNCER_CELERY_CONFIG``
+(``config/celery.py`` is the documented example). The numbers are tied together: Redis
+redelivers an unacknowledged message after ``visibility_timeout``, so it must exceed the
+task's hard time limit plus the longest retry countdown, or a slow copy would be started a
+second time while the first is still running.
+"""
+
+from __future__ import annotations
+
+import os
+
+from syncer.retry import RetryPolicy
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+QUEUE = "syncer"
+
+
+def broker_url() -> str:
+    """The broker URL (``redis://[:password@]host:port/db`` or ``rediss://...``)."""
+    return os.environ.get("SYNCER_BROKER_URL", DEFAULT_BROKER_URL)
+
+
+def redis_url() -> str:
+    """Where run ledgers live: ``SYNCER_REDIS_URL``, else the broker."""
+    return os.environ.get("SYNCER_REDIS_URL") or broker_url()
+
+
+def build_settings() -> dict:
+    """The Celery configuration as a dict."""
+    time_limit = int(os.environ.get("SYNCER_TASK_TIME_LIMIT", "3600"))
+    longest_retry = RetryPolicy().longest_delay
+    visibility = int(os.environ.get("SYNCER_VISIBILITY_TIMEOUT",
+                                    str(time_limit + int(longest_retry) + 600)))
+    return {
+        "broker_url": broker_url(),
+        "broker_transport_options": {"visibility_timeout": visibility},
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # keep reconnecting while Redis restarts
+        # Only JSON: a pickle from the broker would be code execution.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        # The ledger is the record of a run; no result backend, no chords.
+        "task_ignore_result": True,
+        # Tasks are idempotent, so acknowledge after the work; a killed child requeues it.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # Flower: task events from workers, and "sent" events so queued tasks show up.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "task_time_limit": time_limit,
+        "task_soft_time_limit": max(time_limit - 60, 1),
+        "task_default_queue": QUEUE,
+        "worker_hijack_root_logger": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+    }

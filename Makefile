@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := docker-registry redis-server skopeo apache2-utils
+APT_PACKAGES := docker-registry redis-server skopeo apache2-utils time
 PYTEST_ARGS ?= -n 2
 
 .PHONY: install system-deps venv test unit lint demo bench up down clean
@@ -11,7 +11,7 @@ install: system-deps venv
 
 # Debian packages the tests, demo and bench run against (real registries, Redis, skopeo).
 system-deps:
-	@missing=""; for b in docker-registry redis-server skopeo htpasswd; do \
+	@missing=""; for b in docker-registry redis-server skopeo htpasswd /usr/bin/time; do \
 	  command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages for:$$missing"; \

@@ -83,11 +83,6 @@ class TokenCache:
         with self._lock:
             self._tokens[scopes] = (token, deadline)
 
-    def drop(self, scopes: tuple[str, ...]) -> None:
-        """Forget the token for ``scopes`` (the registry refused it)."""
-        with self._lock:
-            self._tokens.pop(scopes, None)
-
 
 class Authenticator:
     """Produces ``Authorization`` headers for one registry host.
@@ -112,11 +107,18 @@ class Authenticator:
         self._bearer_params: dict[str, str] = {}
 
     def header_for(self, scopes: tuple[str, ...], credentials: Credentials) -> str | None:
-        """The Authorization header to send up front, if any is known to be wanted."""
+        """The Authorization header to send up front, if any is known to be wanted.
+
+        Once the registry has shown a Bearer challenge, a token for new scopes is fetched
+        here, before the request: a streamed upload body cannot be replayed after a 401.
+        """
         if self._scheme == "basic" and credentials:
             return basic_header(credentials)
         if self._scheme == "bearer":
             token = self._tokens.get(scopes)
+            if token is None and self._bearer_params:
+                token, expires_in = self._fetch_token(self._bearer_params, scopes, credentials)
+                self._tokens.put(scopes, token, expires_in)
             return f"Bearer {token}" if token else None
         return None
 
@@ -142,8 +144,8 @@ class Authenticator:
             raise AuthenticationError(
                 f"unsupported auth scheme {challenge.scheme!r}", registry=self.registry, status=401
             )
-        self._bearer_params = challenge.params
-        self._tokens.drop(scopes)
+        # Realm and service are per registry; the scope comes from our request, not theirs.
+        self._bearer_params = {k: v for k, v in challenge.params.items() if k != "scope"}
         token, expires_in = self._fetch_token(challenge.params, scopes, credentials)
         self._tokens.put(scopes, token, expires_in)
         return f"Bearer {token}"

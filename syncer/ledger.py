@@ -30,6 +30,7 @@ class JobRecord:
     reason: str = ""
     digest: str = ""
     attempts: int = 0
+    worker: str = ""
 
     @property
     def label(self) -> str:
@@ -113,7 +114,7 @@ class Ledger(Protocol):
     def begin(self, jobs: list[Job], failures: list[PlanFailure]) -> None:
         """Register the run's jobs (all pending) and the planner's failures (final at once)."""
 
-    def mark_running(self, job_id: str) -> None:
+    def mark_running(self, job_id: str, worker: str = "") -> None:
         """A worker started (or restarted) the job."""
 
     def mark_retrying(self, job_id: str, reason: str) -> None:
@@ -154,7 +155,7 @@ class MemoryLedger:
                     reason=failure.reason,
                 )
 
-    def mark_running(self, job_id: str) -> None:
+    def mark_running(self, job_id: str, worker: str = "") -> None:
         """Note an attempt."""
         with self._lock:
             record = self._records[job_id]

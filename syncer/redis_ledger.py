@@ -8,6 +8,7 @@ Keys (all under ``syncer:run:<run_id>:``, expiring ``ttl`` seconds after the las
 - ``reason``   hash: job id → last error text
 - ``digest``   hash: job id → manifest digest pushed/found
 - ``attempts`` hash: job id → attempts started
+- ``worker``   hash: job id → node name of the worker that last started it
 - ``final``    set of job ids in a final state — the idempotence guard: a final state and its
   byte counters are written by one Lua script only when ``SADD`` adds the id, so a redelivered
   or retried task can never count twice.
@@ -77,7 +78,8 @@ class RedisLedger:
         return self._prefix + name
 
     def _keys(self) -> list[str]:
-        names = ("meta", "jobs", "state", "reason", "digest", "attempts", "final", "counters")
+        names = ("meta", "jobs", "state", "reason", "digest", "attempts", "worker", "final",
+                 "counters")
         return [self.key(n) for n in names]
 
     def _touch(self, pipe) -> None:
@@ -110,10 +112,12 @@ class RedisLedger:
         """True when the run was created and has not expired."""
         return bool(self.redis.exists(self.key("meta")))
 
-    def mark_running(self, job_id: str) -> None:
-        """An attempt started."""
+    def mark_running(self, job_id: str, worker: str = "") -> None:
+        """An attempt started (on node ``worker``)."""
         self._transient(keys=[self.key("final"), self.key("state"), self.key("reason"),
                               self.key("attempts")], args=[job_id, "running", ""])
+        if worker:
+            self.redis.hset(self.key("worker"), job_id, worker)
 
     def mark_retrying(self, job_id: str, reason: str) -> None:
         """A transient failure; another attempt is scheduled."""
@@ -147,9 +151,9 @@ class RedisLedger:
     def records(self) -> list[JobRecord]:
         """Every job's record."""
         pipe = self.redis.pipeline()
-        for name in ("jobs", "state", "reason", "digest", "attempts"):
+        for name in ("jobs", "state", "reason", "digest", "attempts", "worker"):
             pipe.hgetall(self.key(name))
-        jobs, states, reasons, digests, attempts = pipe.execute()
+        jobs, states, reasons, digests, attempts, workers = pipe.execute()
         found = []
         for job_id, raw in jobs.items():
             data = json.loads(raw)
@@ -157,6 +161,7 @@ class RedisLedger:
                 id=_text(job_id), source=data["source"], destination=data["destination"],
                 state=_text(states.get(job_id, b"pending")), reason=_text(reasons.get(job_id, b"")),
                 digest=_text(digests.get(job_id, b"")), attempts=int(attempts.get(job_id, 0)),
+                worker=_text(workers.get(job_id, b"")),
             ))
         return sorted(found, key=lambda r: (r.source, r.destination))
 

@@ -168,3 +168,7 @@ def flower(port, address) -> None:
 
 main = _guard(cli)
 __all__ = ["main", "rule_options"]
+
+
+if __name__ == "__main__":
+    main()

@@ -52,7 +52,7 @@ def sync_image(self, run_id: str, job: dict, retries: int = 2) -> dict:
     context = get_context()
     ledger = context.ledger(run_id)
     parsed = Job.from_dict(job)
-    durable(ledger.mark_running, parsed.id)
+    durable(ledger.mark_running, parsed.id, self.request.hostname or "")
     try:
         result = attempt_job(context.copier, parsed)
     except SoftTimeLimitExceeded:

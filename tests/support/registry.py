@@ -575,12 +575,17 @@ class RedisServer:
     """A ``redis-server`` child process on a fixed free loopback port.
 
     ``stop()`` and ``start()`` may be called repeatedly; the port stays the same so
-    clients can reconnect after a restart. No persistence (``--save '' --appendonly no``).
+    clients can reconnect after a restart. No persistence (``--save '' --appendonly no``)
+    unless ``persistent=True``: then every write is appended to an AOF in ``directory`` and
+    fsynced at once (``--appendonly yes --appendfsync always``), so queued messages and
+    ledgers survive ``stop()`` / ``start()`` (or ``restart()``) like a production Redis.
     """
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, *,
+                 persistent: bool = False) -> None:
         self.directory = Path(directory)
         self.port = port or free_port()
+        self.persistent = persistent
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.directory / "redis.log"
 
@@ -623,7 +628,8 @@ class RedisServer:
             "--port", str(self.port),
             "--bind", LOOPBACK,
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.persistent else "no",
+            *(["--appendfsync", "always"] if self.persistent else []),
             "--dir", str(self.directory),
             "--daemonize", "no",
             "--protected-mode", "no",

@@ -1,0 +1,246 @@
+"""Rules → jobs: list tags (in parallel), apply selectors, retag, fan out to destinations.
+
+* all tags / regex: the source's tags are listed (``re.search`` for a regex, like image-syncer's
+  Go ``MatchString``); zero tags gives no jobs and no failure.
+* explicit tags: no listing; a retag pairs source and destination tags left to right.
+* digest: one job per destination, ``src@digest → dst@digest`` (or ``dst:tag`` when the
+  destination names one tag).
+* ``registry/namespace/*``: the repositories under the namespace are listed, each becomes an
+  all-tags rule; a destination ``D`` becomes ``D/<source path relative to the namespace>``
+  (``harbor/proj/*: acr/mirror`` copies ``harbor/proj/team/app`` to ``acr/mirror/team/app``).
+  Paths the lister returns outside the namespace are ignored.
+* an empty destination is ``<default registry>/<default namespace>/<source's last name>``.
+
+A listing error becomes a :class:`PlanFailure` for that rule's destinations; the rest go on.
+A failure's ``source``/``destination`` are written as images-file key and value, so a
+failed-images file can be fed back as ``--images``. Jobs come out in rule order, then tag order
+as listed, then destination order; a (source, destination) pair appears once, and a second
+source aiming at an already planned destination tag is a failure (two images racing for one
+tag), not a job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Protocol, TypeVar
+
+from syncer.config import ALL_TAGS, Destination, Rule, TagSelector
+from syncer.errors import ReferenceError_
+from syncer.jobs import Job, Plan, PlanFailure
+from syncer.mediatypes import PlatformFilter
+from syncer.reference import TAG_RE, Repository, split_repository
+
+K = TypeVar("K", bound=Hashable)
+
+
+class Lister(Protocol):
+    """What the planner needs from registries. Any exception means "could not list"."""
+
+    def list_tags(self, repo: Repository) -> list[str]:
+        """Every tag of ``repo``, in the registry's order."""
+        ...
+
+    def list_repositories(self, registry: str, namespace: str) -> list[str]:
+        """Full repository paths (``proj/team/app``) under ``namespace`` on ``registry``."""
+        ...
+
+
+def default_target(
+    registry: str | None = None,
+    namespace: str | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> tuple[str | None, str | None]:
+    """The default destination registry and namespace: the flags, else ``DEFAULT_REGISTRY`` /
+    ``DEFAULT_NAMESPACE`` from the environment. Empty values count as unset."""
+    return (registry or environ.get("DEFAULT_REGISTRY") or None,
+            namespace or environ.get("DEFAULT_NAMESPACE") or None)
+
+
+def default_destination(
+    source: Repository, registry: str | None, namespace: str | None
+) -> Repository:
+    """``registry/namespace/<last name of source>``; ValueError when a default is missing
+    or does not make a valid repository."""
+    if not registry or not namespace:
+        raise ValueError(
+            "empty destination needs a default registry and namespace "
+            "(--registry/--namespace or DEFAULT_REGISTRY/DEFAULT_NAMESPACE)"
+        )
+    name = source.path.rsplit("/", 1)[-1]
+    text = f"{registry.strip('/')}/{namespace.strip('/')}/{name}"
+    try:
+        repo = split_repository(text)
+    except ReferenceError_ as exc:
+        raise ValueError(f"invalid default destination: {exc}") from None
+    if repo.path != f"{namespace.strip('/')}/{name}":  # registry was read as a Docker Hub name
+        raise ValueError(f"default registry {registry!r} is not a registry host")
+    return repo
+
+
+def select_tags(selector: TagSelector, listed: Sequence[str]) -> list[str]:
+    """The tags a selector keeps from ``listed`` (explicit tags need no listing)."""
+    if selector.kind == "tags":
+        return list(selector.tags)
+    if selector.kind == "regex":
+        pattern = re.compile(selector.pattern)
+        return [tag for tag in listed if pattern.search(tag)]
+    if selector.kind == "all":
+        return list(listed)
+    return []
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One concrete source repository of a rule (a wildcard rule gives several)."""
+
+    rule: Rule
+    source: Repository
+    destinations: tuple[Destination, ...]
+
+    @property
+    def label(self) -> str:
+        """The source as an images-file key."""
+        return str(self.source) + str(self.rule.selector)
+
+
+class _Builder:
+    """Collects jobs and failures: dedupes pairs, refuses two sources for one tag."""
+
+    def __init__(self, platforms: PlatformFilter, force: bool):
+        self.platforms, self.force = platforms, force
+        self.plan = Plan()
+        self._pairs: set[tuple[str, str]] = set()
+        self._owner: dict[str, str] = {}
+
+    def job(self, source: str, destination: str) -> None:
+        if (source, destination) in self._pairs:
+            return
+        owner = self._owner.get(destination)
+        if owner is not None and "@" not in destination:
+            self.fail(source, destination, f"{destination} is already the destination of {owner}")
+            return
+        self._pairs.add((source, destination))
+        self._owner[destination] = source
+        self.plan.jobs.append(Job(source, destination, self.platforms, self.force))
+
+    def fail(self, source: str, destination: str, reason: str) -> None:
+        if (source, destination) in self._pairs:
+            return
+        self._pairs.add((source, destination))
+        self.plan.failures.append(PlanFailure(source, destination, reason))
+
+
+def plan(
+    rules: Sequence[Rule],
+    lister: Lister,
+    *,
+    default_registry: str | None = None,
+    default_namespace: str | None = None,
+    platforms: PlatformFilter = PlatformFilter(),  # noqa: B008 - frozen, safe as a default
+    force: bool = False,
+    parallelism: int = 8,
+) -> Plan:
+    """Turn ``rules`` into jobs, listing namespaces then tags with ``parallelism`` threads."""
+    builder = _Builder(platforms, force)
+    wildcards = {(r.source.registry, r.source.path) for r in rules if r.wildcard}
+    catalogs = _parallel(
+        {key: partial(lister.list_repositories, *key) for key in sorted(wildcards)}, parallelism
+    )
+    units: list[_Unit] = []
+    for rule in rules:
+        if rule.wildcard:
+            units.extend(_expand_wildcard(rule, catalogs[(rule.source.registry, rule.source.path)],
+                                          builder))
+        else:
+            units.append(_Unit(rule, rule.source, rule.destinations))
+    to_list = {u.source: None for u in units if u.rule.selector.kind in ("all", "regex")}
+    listings = _parallel({repo: partial(lister.list_tags, repo) for repo in to_list}, parallelism)
+    for unit in units:
+        _unit_jobs(unit, listings.get(unit.source), default_registry, default_namespace, builder)
+    return builder.plan
+
+
+def _expand_wildcard(rule: Rule, listed: list[str] | Exception, builder: _Builder) -> list[_Unit]:
+    """Each repository under the namespace as an all-tags unit with nested destinations."""
+    if isinstance(listed, Exception):
+        for dest in rule.destinations:
+            builder.fail(rule.key, str(dest), _reason(listed))
+        return []
+    namespace = rule.source.path
+    units = []
+    for path in listed:
+        if not path.startswith(namespace + "/"):
+            continue
+        relative = path[len(namespace) + 1 :]
+        nested = tuple(
+            d if d.repository is None
+            else Destination(Repository(d.repository.registry, f"{d.repository.path}/{relative}"))
+            for d in rule.destinations
+        )
+        source = Repository(rule.source.registry, path)
+        units.append(_Unit(Rule(str(source), source, ALL_TAGS, nested), source, nested))
+    return units
+
+
+def _unit_jobs(
+    unit: _Unit,
+    listed: list[str] | Exception | None,
+    default_registry: str | None,
+    default_namespace: str | None,
+    builder: _Builder,
+) -> None:
+    """Jobs (or failures) of one concrete source: tag order, then destination order."""
+    targets: list[tuple[Destination, Repository]] = []
+    for dest in unit.destinations:
+        if dest.repository is not None:
+            targets.append((dest, dest.repository))
+            continue
+        try:
+            targets.append((dest, default_destination(unit.source, default_registry,
+                                                      default_namespace)))
+        except ValueError as exc:
+            builder.fail(unit.label, "", str(exc))
+    selector = unit.rule.selector
+    if selector.kind == "digest":
+        for dest, repo in targets:
+            target = f"{repo}:{dest.tags[0]}" if dest.tags else f"{repo}@{selector.digest}"
+            builder.job(f"{unit.source}@{selector.digest}", target)
+        return
+    if isinstance(listed, Exception):
+        for _, repo in targets:
+            builder.fail(unit.label, str(repo), _reason(listed))
+        return
+    for index, tag in enumerate(select_tags(selector, listed or [])):
+        if not TAG_RE.match(tag):
+            for _, repo in targets:
+                reason = f"registry listed invalid tag {tag!r}"
+                builder.fail(f"{unit.source}:{tag}", str(repo), reason)
+            continue
+        for dest, repo in targets:
+            builder.job(f"{unit.source}:{tag}", f"{repo}:{dest.tags[index] if dest.tags else tag}")
+
+
+def _parallel(
+    calls: dict[K, Callable[[], Iterable[str]]], parallelism: int
+) -> dict[K, list[str] | Exception]:
+    """Run ``calls`` on a thread pool; each result is the list or the exception raised."""
+    if not calls:
+        return {}
+    results: dict[K, list[str] | Exception] = {}
+    with ThreadPoolExecutor(max_workers=max(1, min(parallelism, len(calls)))) as pool:
+        futures = {key: pool.submit(lambda call=call: list(call())) for key, call in calls.items()}
+        for key, future in futures.items():
+            try:
+                results[key] = future.result()
+            except Exception as exc:  # any listing error becomes a PlanFailure
+                results[key] = exc
+    return results
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,111 @@
+"""Transport behaviour real registries cannot show on loopback: redirects to storage, 429s."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from syncer.credentials import AuthEntry, Credentials, CredentialStore
+from syncer.errors import RateLimitedError, ServerError
+from syncer.registry import RegistryClient
+from syncer.retry import RetryPolicy, call_with_retries
+from tests.support import images
+from tests.support.clients import registries_for
+
+BLOB = b"layer bytes served by object storage" * 1000
+DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+
+
+@contextmanager
+def serve(handler_cls) -> Iterator[http.server.ThreadingHTTPServer]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_blob_redirect_to_storage_drops_credentials():
+    """Registries answer blob GETs with a redirect to object storage (S3, OSS, GCS). The
+    storage host must never see the registry's Authorization header."""
+    seen_by_storage: list[str | None] = []
+
+    class Storage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen_by_storage.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BLOB)))
+            self.end_headers()
+            self.wfile.write(BLOB)
+
+        def log_message(self, *args):
+            pass
+
+    with serve(Storage) as storage:
+        storage_url = f"http://localhost:{storage.server_address[1]}/bucket/blob?sig=x"
+
+        class Registry(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                if self.headers.get("Authorization") is None:
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="test"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(307 if "/blobs/" in self.path else 200)
+                if "/blobs/" in self.path:
+                    self.send_header("Location", storage_url)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        with serve(Registry) as registry:
+            host = f"127.0.0.1:{registry.server_address[1]}"
+            store = CredentialStore([AuthEntry(host, Credentials("u", "registry-secret"))],
+                                    docker_config=False)
+            client = RegistryClient(host, store)
+            response = client.open_blob("a/b", DIGEST)
+            body = b"".join(response.raw.stream(65536, decode_content=False))
+            response.close()
+    assert body == BLOB
+    assert seen_by_storage == [None]
+
+
+def test_rate_limit_is_transient_and_retry_after_is_honoured(make_registry, make_proxy):
+    src = make_registry()
+    images.push_image(src, "a/b", "v1")
+    proxy = make_proxy(src)
+    proxy.fail_next(1, status=429, path_contains="/manifests/", retry_after=2)
+    client = registries_for(src).client(proxy.host)
+    with pytest.raises(RateLimitedError) as caught:
+        client.manifest_digest("a/b", "v1")
+    assert caught.value.transient and caught.value.retry_after == 2.0
+    assert RetryPolicy(base=0.1).delay(0, caught.value) >= 2.0
+
+    proxy.reset()
+    proxy.fail_next(2, status=503, path_contains="/manifests/")
+    slept: list[float] = []
+    digest = call_with_retries(lambda: client.manifest_digest("a/b", "v1"),
+                               RetryPolicy(max_retries=3, jitter=False), sleep=slept.append)
+    assert digest == images.manifest_digest(src, "a/b", "v1")
+    assert slept == [1.0, 2.0]
+    assert proxy.count("HEAD", "/manifests/", injected=True) == 2
+
+
+def test_server_errors_carry_spec_codes(make_registry):
+    src = make_registry()
+    client = registries_for(src).client(src.host)
+    with pytest.raises(Exception) as caught:
+        client.get_manifest("missing/repo", "v1")
+    assert "MANIFEST_UNKNOWN" in str(caught.value) or "NAME_UNKNOWN" in str(caught.value)
+    assert not isinstance(caught.value, ServerError)

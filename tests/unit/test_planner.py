@@ -1,0 +1,342 @@
+"""Unit tests for syncer.planner with a fake lister (no network)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from syncer.config import parse_rule
+from syncer.errors import NotFoundError
+from syncer.jobs import Job, PlanFailure
+from syncer.mediatypes import PlatformFilter
+from syncer.planner import default_destination, default_target, plan, select_tags
+from syncer.reference import Repository
+
+DIGEST = "sha256:" + "cd" * 32
+
+
+class FakeLister:
+    """Tags and catalogs from dicts; a repository mapped to an exception raises it."""
+
+    def __init__(self, tags=None, catalogs=None, barrier: threading.Barrier | None = None):
+        self.tags = tags or {}
+        self.catalogs = catalogs or {}
+        self.barrier = barrier
+        self.calls: list[str] = []
+        self.threads: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _record(self, call: str) -> None:
+        with self._lock:
+            self.calls.append(call)
+            self.threads.add(threading.current_thread().name)
+
+    def list_tags(self, repo: Repository) -> list[str]:
+        self._record(f"tags {repo}")
+        if self.barrier is not None:
+            self.barrier.wait()  # only passes when enough listings run at the same time
+        found = self.tags[str(repo)]
+        if isinstance(found, Exception):
+            raise found
+        return list(found)
+
+    def list_repositories(self, registry: str, namespace: str) -> list[str]:
+        self._record(f"catalog {registry}/{namespace}")
+        found = self.catalogs[f"{registry}/{namespace}"]
+        if isinstance(found, Exception):
+            raise found
+        return list(found)
+
+
+def rules(mapping: dict) -> list:
+    return [parse_rule(key, value, environ={}) for key, value in mapping.items()]
+
+
+def pairs(result) -> list[tuple[str, str]]:
+    return [(job.source, job.destination) for job in result.jobs]
+
+
+def test_all_tags_lists_and_keeps_registry_order():
+    lister = FakeLister(tags={"quay.io/a/b": ["v2", "v1", "latest"]})
+    result = plan(rules({"quay.io/a/b": "quay.io/x/b"}), lister)
+    assert pairs(result) == [
+        ("quay.io/a/b:v2", "quay.io/x/b:v2"),
+        ("quay.io/a/b:v1", "quay.io/x/b:v1"),
+        ("quay.io/a/b:latest", "quay.io/x/b:latest"),
+    ]
+    assert result.failures == []
+
+
+def test_explicit_tags_need_no_listing():
+    lister = FakeLister()
+    result = plan(rules({"quay.io/a/b:v1,v2": "quay.io/x/b"}), lister)
+    assert pairs(result) == [
+        ("quay.io/a/b:v1", "quay.io/x/b:v1"),
+        ("quay.io/a/b:v2", "quay.io/x/b:v2"),
+    ]
+    assert lister.calls == []
+
+
+def test_retag_pairs_left_to_right():
+    result = plan(rules({"quay.io/a/b:v1,v2": "quay.io/x/b:n1,n2"}), FakeLister())
+    assert pairs(result) == [
+        ("quay.io/a/b:v1", "quay.io/x/b:n1"),
+        ("quay.io/a/b:v2", "quay.io/x/b:n2"),
+    ]
+
+
+def test_regex_uses_search_semantics():
+    lister = FakeLister(tags={"harbor.x:32080/lib/nginx": ["v1.0", "v1.1", "v10", "xv1.2", "v2"]})
+    result = plan(
+        rules(
+            {
+                "harbor.x:32080/lib/nginx:/^v1\\./": "acr.io/m/nginx",
+                "harbor.x:32080/lib/nginx:/v1\\.2/": "acr.io/m/nginx",
+            }
+        ),
+        lister,
+    )
+    assert pairs(result) == [
+        ("harbor.x:32080/lib/nginx:v1.0", "acr.io/m/nginx:v1.0"),
+        ("harbor.x:32080/lib/nginx:v1.1", "acr.io/m/nginx:v1.1"),
+        ("harbor.x:32080/lib/nginx:xv1.2", "acr.io/m/nginx:xv1.2"),
+    ]
+    assert lister.calls == ["tags harbor.x:32080/lib/nginx"]  # listed once for both rules
+
+
+def test_regex_or_all_tags_with_nothing_listed_gives_no_jobs_and_no_failure():
+    lister = FakeLister(tags={"quay.io/a/b": ["v2"], "quay.io/a/c": []})
+    result = plan(rules({"quay.io/a/b:/^v1/": "quay.io/x/b", "quay.io/a/c": "quay.io/x/c"}), lister)
+    assert result.jobs == [] and result.failures == []
+
+
+def test_digest_keeps_digest_or_takes_one_tag():
+    result = plan(
+        rules({f"quay.io/a/b@{DIGEST}": ["quay.io/x/b", "quay.io/y/b:pinned"]}), FakeLister()
+    )
+    assert pairs(result) == [
+        (f"quay.io/a/b@{DIGEST}", f"quay.io/x/b@{DIGEST}"),
+        (f"quay.io/a/b@{DIGEST}", "quay.io/y/b:pinned"),
+    ]
+
+
+def test_multiple_destinations_tag_major_order():
+    result = plan(rules({"quay.io/a/b:v1,v2": ["quay.io/x/b", "reg2.io/y/b"]}), FakeLister())
+    assert pairs(result) == [
+        ("quay.io/a/b:v1", "quay.io/x/b:v1"),
+        ("quay.io/a/b:v1", "reg2.io/y/b:v1"),
+        ("quay.io/a/b:v2", "quay.io/x/b:v2"),
+        ("quay.io/a/b:v2", "reg2.io/y/b:v2"),
+    ]
+
+
+def test_guide_empty_destination_uses_defaults():
+    lister = FakeLister(tags={"harbor.myk8s.paas.com:32080/library/nginx": ["1.25", "latest"]})
+    result = plan(
+        rules({"harbor.myk8s.paas.com:32080/library/nginx": ""}),
+        lister,
+        default_registry="registry.cn-beijing.aliyuncs.com",
+        default_namespace="image-syncer",
+    )
+    assert pairs(result) == [
+        (
+            "harbor.myk8s.paas.com:32080/library/nginx:1.25",
+            "registry.cn-beijing.aliyuncs.com/image-syncer/nginx:1.25",
+        ),
+        (
+            "harbor.myk8s.paas.com:32080/library/nginx:latest",
+            "registry.cn-beijing.aliyuncs.com/image-syncer/nginx:latest",
+        ),
+    ]
+
+
+def test_empty_destination_without_defaults_is_a_failure():
+    lister = FakeLister(tags={"quay.io/a/b": ["v1"]})
+    result = plan(rules({"quay.io/a/b": ["", "quay.io/x/b"]}), lister, default_registry="r.io")
+    assert pairs(result) == [("quay.io/a/b:v1", "quay.io/x/b:v1")]
+    assert len(result.failures) == 1
+    failure = result.failures[0]
+    assert (failure.source, failure.destination) == ("quay.io/a/b", "")
+    assert "default registry and namespace" in failure.reason
+    assert "DEFAULT_REGISTRY" in failure.reason
+
+
+def test_default_registry_that_is_not_a_host_is_a_failure():
+    result = plan(
+        rules({"quay.io/a/b:v1": ""}),
+        FakeLister(),
+        default_registry="myreg",
+        default_namespace="ns",
+    )
+    assert result.jobs == []
+    assert "not a registry host" in result.failures[0].reason
+
+
+def test_default_destination_and_target_helpers():
+    repo = Repository("harbor:32080", "library/team/nginx")
+    assert default_destination(repo, "acr.io", "mirror") == Repository("acr.io", "mirror/nginx")
+    with pytest.raises(ValueError):
+        default_destination(repo, None, "mirror")
+    env = {"DEFAULT_REGISTRY": "env.io", "DEFAULT_NAMESPACE": "env-ns"}
+    assert default_target(None, None, env) == ("env.io", "env-ns")
+    assert default_target("flag.io", "", env) == ("flag.io", "env-ns")
+    assert default_target(None, None, {"DEFAULT_REGISTRY": ""}) == (None, None)
+
+
+def test_namespace_wildcard_expands_repositories():
+    lister = FakeLister(
+        catalogs={"harbor:8443/proj": ["proj/app", "proj/team/api", "other/x", "project/y"]},
+        tags={"harbor:8443/proj/app": ["v1"], "harbor:8443/proj/team/api": ["v2", "v3"]},
+    )
+    result = plan(
+        rules({"harbor:8443/proj/*": ["acr.io/mirror", ""]}),
+        lister,
+        default_registry="def.io",
+        default_namespace="ns",
+    )
+    assert pairs(result) == [
+        ("harbor:8443/proj/app:v1", "acr.io/mirror/app:v1"),
+        ("harbor:8443/proj/app:v1", "def.io/ns/app:v1"),
+        ("harbor:8443/proj/team/api:v2", "acr.io/mirror/team/api:v2"),
+        ("harbor:8443/proj/team/api:v2", "def.io/ns/api:v2"),
+        ("harbor:8443/proj/team/api:v3", "acr.io/mirror/team/api:v3"),
+        ("harbor:8443/proj/team/api:v3", "def.io/ns/api:v3"),
+    ]
+    assert "tags harbor:8443/other/x" not in lister.calls  # outside the namespace: ignored
+
+
+def test_namespace_wildcard_catalog_failure():
+    lister = FakeLister(
+        catalogs={"harbor:8443/proj": NotFoundError("catalog refused")},
+        tags={"quay.io/a/b": ["v1"]},
+    )
+    result = plan(
+        rules({"harbor:8443/proj/*": "acr.io/mirror", "quay.io/a/b": "quay.io/x/b"}), lister
+    )
+    assert result.failures == [
+        PlanFailure("harbor:8443/proj/*", "acr.io/mirror", "catalog refused")
+    ]
+    assert pairs(result) == [("quay.io/a/b:v1", "quay.io/x/b:v1")]
+
+
+def test_listing_failure_for_one_repo_keeps_the_rest():
+    lister = FakeLister(
+        tags={
+            "quay.io/a/one": ["v1"],
+            "quay.io/a/broken": NotFoundError("NAME_UNKNOWN", registry="quay.io"),
+            "quay.io/a/three": ["v3"],
+        }
+    )
+    result = plan(
+        rules(
+            {
+                "quay.io/a/one": "quay.io/x/one",
+                "quay.io/a/broken:/^v/": ["quay.io/x/broken", "reg2.io/y/broken"],
+                "quay.io/a/three": "quay.io/x/three",
+            }
+        ),
+        lister,
+    )
+    assert pairs(result) == [
+        ("quay.io/a/one:v1", "quay.io/x/one:v1"),
+        ("quay.io/a/three:v3", "quay.io/x/three:v3"),
+    ]
+    assert result.failures == [
+        PlanFailure("quay.io/a/broken:/^v/", "quay.io/x/broken", "quay.io: NAME_UNKNOWN"),
+        PlanFailure("quay.io/a/broken:/^v/", "reg2.io/y/broken", "quay.io: NAME_UNKNOWN"),
+    ]
+
+
+def test_any_exception_becomes_a_failure_with_its_text_or_class_name():
+    lister = FakeLister(tags={"quay.io/a/b": RuntimeError(), "quay.io/a/c": OSError("reset")})
+    result = plan(rules({"quay.io/a/b": "quay.io/x/b", "quay.io/a/c": "quay.io/x/c"}), lister)
+    assert [f.reason for f in result.failures] == ["RuntimeError", "reset"]
+
+
+def test_listing_runs_in_parallel():
+    repos = [f"quay.io/a/r{i}" for i in range(4)]
+    lister = FakeLister(tags={r: ["v1"] for r in repos}, barrier=threading.Barrier(4, timeout=10))
+    result = plan(rules({r: r.replace("/a/", "/x/") for r in repos}), lister, parallelism=4)
+    assert result.failures == []
+    assert len(result.jobs) == 4
+    assert len(lister.threads) == 4 and threading.current_thread().name not in lister.threads
+
+
+def test_parallelism_one_still_works():
+    lister = FakeLister(tags={"quay.io/a/b": ["v1"], "quay.io/a/c": ["v1"]})
+    result = plan(
+        rules({"quay.io/a/b": "quay.io/x/b", "quay.io/a/c": "quay.io/x/c"}), lister, parallelism=1
+    )
+    assert len(result.jobs) == 2 and len(lister.threads) == 1
+
+
+def test_jobs_deduplicated_in_first_seen_order():
+    lister = FakeLister(tags={"docker.io/library/nginx": ["1", "2"]})
+    result = plan(
+        rules(
+            {
+                "nginx:2": "quay.io/x/nginx",
+                "docker.io/library/nginx": "quay.io/x/nginx",
+                "index.docker.io/library/nginx:1,2": ["quay.io/x/nginx", "quay.io/x/nginx"],
+            }
+        ),
+        lister,
+    )
+    assert pairs(result) == [
+        ("docker.io/library/nginx:2", "quay.io/x/nginx:2"),
+        ("docker.io/library/nginx:1", "quay.io/x/nginx:1"),
+    ]
+
+
+def test_two_sources_for_one_destination_tag_is_a_failure():
+    result = plan(
+        rules({"quay.io/a/b:v1": "quay.io/x/b:latest", "quay.io/a/c:v9": "quay.io/x/b:latest"}),
+        FakeLister(),
+    )
+    assert pairs(result) == [("quay.io/a/b:v1", "quay.io/x/b:latest")]
+    assert result.failures[0].source == "quay.io/a/c:v9"
+    assert "already the destination of quay.io/a/b:v1" in result.failures[0].reason
+
+
+def test_invalid_listed_tag_is_a_failure_not_a_crash():
+    lister = FakeLister(tags={"quay.io/a/b": ["ok", "-bad"]})
+    result = plan(rules({"quay.io/a/b": "quay.io/x/b"}), lister)
+    assert pairs(result) == [("quay.io/a/b:ok", "quay.io/x/b:ok")]
+    assert result.failures[0].source == "quay.io/a/b:-bad"
+
+
+def test_jobs_carry_options_and_serialise_without_credentials(tmp_path):
+    from syncer.config import load_config
+
+    auth = tmp_path / "auth.yaml"
+    auth.write_text("quay.io: {username: robot-user, password: TopSecret123}\n")
+    images = tmp_path / "images.yaml"
+    images.write_text('quay.io/a/b:v1: [quay.io/x/b, ""]\nquay.io/a/c: quay.io/x/c\n')
+    config = load_config(auth=str(auth), images=str(images), environ={})
+    platforms = PlatformFilter(os=("linux",), arch=("arm64:v8",))
+    lister = FakeLister(tags={"quay.io/a/c": NotFoundError("gone")})
+    result = plan(config.rules, lister, platforms=platforms, force=True)
+    assert result.jobs and result.failures
+    text = json.dumps([j.to_dict() for j in result.jobs] + [f.to_dict() for f in result.failures])
+    assert "TopSecret123" not in text and "robot-user" not in text
+    for job in result.jobs:
+        assert job.platforms == platforms and job.force is True
+        assert Job.from_dict(json.loads(json.dumps(job.to_dict()))) == job
+
+
+def test_select_tags():
+    rule = parse_rule("quay.io/a/b:/-alpine$/", "quay.io/x/b", environ={})
+    assert select_tags(rule.selector, ["1", "1-alpine", "1-alpine3"]) == ["1-alpine"]
+    explicit = parse_rule("quay.io/a/b:x,y", "quay.io/x/b", environ={})
+    assert select_tags(explicit.selector, ["ignored"]) == ["x", "y"]
+
+
+def test_failed_plan_entries_parse_back_as_rules():
+    """A failure's source/destination are an images-file key/value (failed-images file)."""
+    lister = FakeLister(tags={"quay.io/a/b": NotFoundError("x")})
+    result = plan(rules({"quay.io/a/b:/^v1/": "quay.io/x/b", f"quay.io/a/d@{DIGEST}": ""}), lister)
+    assert len(result.failures) == 2
+    for failure in result.failures:
+        parse_rule(failure.source, failure.destination, environ={})

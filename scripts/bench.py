@@ -54,9 +54,13 @@ def measure(command: list[str], env: dict | None = None) -> Measure:
     """
     with tempfile.NamedTemporaryFile("r") as report:
         started = time.monotonic()
-        proc = subprocess.run([GNU_TIME, "-f", "%M", "-o", report.name, *command],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                              check=False)
+        proc = subprocess.run(
+            [GNU_TIME, "-f", "%M", "-o", report.name, *command],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            check=False,
+        )
         elapsed = time.monotonic() - started
         lines = [line for line in report.read().splitlines() if line.strip().isdigit()]
     if proc.returncode:
@@ -70,8 +74,11 @@ def seed(src: RegistryProcess) -> None:
     """Push ``IMAGES`` images into ``bench/app`` (tags t0…), 3 layers, one shared."""
     base = images.make_layer(4 * 1024 * 1024, seed="bench-base", compress=False)
     for i in range(IMAGES):
-        layers = [base, images.make_layer(2 * 1024 * 1024, seed=f"a{i}", compress=False),
-                  images.make_layer(1024 * 1024, seed=f"b{i}", compress=False)]
+        layers = [
+            base,
+            images.make_layer(2 * 1024 * 1024, seed=f"a{i}", compress=False),
+            images.make_layer(1024 * 1024, seed=f"b{i}", compress=False),
+        ]
         images.push_image(src, "bench/app", f"t{i}", layers=layers)
 
 
@@ -91,18 +98,29 @@ def push_big(src: RegistryProcess, repo: str, size: int) -> None:
         start = session.post(f"/v2/{repo}/blobs/uploads/")
         location = start.headers["Location"]
         sep = "&" if "?" in location else "?"
-        done = session.put(f"{location}{sep}digest={digest}", data=spool,
-                           headers={"Content-Type": "application/octet-stream",
-                                    "Content-Length": str(size)})
+        done = session.put(
+            f"{location}{sep}digest={digest}",
+            data=spool,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+        )
         assert done.status_code == 201, done.text
     config = images.make_config("linux", "amd64", [digest])
     images.push_blob(src, repo, config)
     manifest = {
-        "schemaVersion": 2, "mediaType": images.DOCKER_MANIFEST,
-        "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                   "size": len(config), "digest": images.sha256_digest(config)},
-        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
-                    "size": size, "digest": digest}],
+        "schemaVersion": 2,
+        "mediaType": images.DOCKER_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "size": len(config),
+            "digest": images.sha256_digest(config),
+        },
+        "layers": [
+            {
+                "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                "size": size,
+                "digest": digest,
+            }
+        ],
     }
     images.push_manifest(src, repo, "v1", json.dumps(manifest).encode(), images.DOCKER_MANIFEST)
 
@@ -114,8 +132,18 @@ def syncer_bin() -> list[str]:
 
 def skopeo_sync(src: RegistryProcess, dst: RegistryProcess, namespace: str) -> list[str]:
     """skopeo sync of every tag of bench/app into dst/namespace."""
-    return ["skopeo", "sync", "--src", "docker", "--dest", "docker", "--src-tls-verify=false",
-            "--dest-tls-verify=false", f"{src.host}/bench/app", f"{dst.host}/{namespace}"]
+    return [
+        "skopeo",
+        "sync",
+        "--src",
+        "docker",
+        "--dest",
+        "docker",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        f"{src.host}/bench/app",
+        f"{dst.host}/{namespace}",
+    ]
 
 
 def main() -> int:
@@ -132,7 +160,7 @@ def main() -> int:
             seed(src)
             config = OUT / "bench.yaml"
             config.write_text(yaml.safe_dump({f"{src.host}/bench/app": f"{dst.host}/ours/app"}))
-            ours = syncer_bin() + ["sync", f"--images={config}", "--proc=8"]
+            ours = [*syncer_bin(), "sync", f"--images={config}", "--proc=8"]
             theirs = skopeo_sync(src, dst, "skopeo")
             print("full sync…", flush=True)
             rows.append(("full sync", measure(ours), measure(theirs)))
@@ -142,31 +170,56 @@ def main() -> int:
             print(f"big blob ({BIG_BLOB_MB} MB) vs small (6 MB)…", flush=True)
             push_big(src, "big/large", BIG_BLOB_MB * 1024 * 1024)
             push_big(src, "big/small", 6 * 1024 * 1024)
-            small = measure(syncer_bin() + ["copy", f"{src.host}/big/small:v1", f"{dst.host}/ours/small:v1"])
-            large = measure(syncer_bin() + ["copy", f"{src.host}/big/large:v1", f"{dst.host}/ours/large:v1"])
-            sk_large = measure(["skopeo", "copy", "--src-tls-verify=false", "--dest-tls-verify=false",
-                                f"docker://{src.host}/big/large:v1", f"docker://{dst.host}/skopeo/large:v1"])
+            small = measure(
+                [*syncer_bin(), "copy", f"{src.host}/big/small:v1", f"{dst.host}/ours/small:v1"]
+            )
+            large = measure(
+                [*syncer_bin(), "copy", f"{src.host}/big/large:v1", f"{dst.host}/ours/large:v1"]
+            )
+            sk_large = measure(
+                [
+                    "skopeo",
+                    "copy",
+                    "--src-tls-verify=false",
+                    "--dest-tls-verify=false",
+                    f"docker://{src.host}/big/large:v1",
+                    f"docker://{dst.host}/skopeo/large:v1",
+                ]
+            )
             rows.append((f"copy {BIG_BLOB_MB} MB blob", large, sk_large))
             rows.append(("copy 6 MB blob", small, None))
             want = images.manifest_digest(src, "big/large", "v1")
-            assert images.manifest_digest(dst, "ours/large", "v1") == want, "big image digest differs"
-            assert images.manifest_digest(dst, "ours/app", "t0") == images.manifest_digest(src, "bench/app", "t0")
+            assert images.manifest_digest(dst, "ours/large", "v1") == want, (
+                "big image digest differs"
+            )
+            assert images.manifest_digest(dst, "ours/app", "t0") == images.manifest_digest(
+                src, "bench/app", "t0"
+            )
 
-    lines = [f"| scenario | syncer s | skopeo s | time ratio | syncer RSS MB | skopeo RSS MB | RSS ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| scenario | syncer s | skopeo s | time ratio "
+        "| syncer RSS MB | skopeo RSS MB | RSS ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, mine, other in rows:
         if other:
-            lines.append(f"| {name} | {mine.seconds:.2f} | {other.seconds:.2f} | "
-                         f"{mine.seconds / other.seconds:.2f} | {mine.peak_rss_mb:.1f} | "
-                         f"{other.peak_rss_mb:.1f} | {mine.peak_rss_mb / other.peak_rss_mb:.2f} |")
+            lines.append(
+                f"| {name} | {mine.seconds:.2f} | {other.seconds:.2f} | "
+                f"{mine.seconds / other.seconds:.2f} | {mine.peak_rss_mb:.1f} | "
+                f"{other.peak_rss_mb:.1f} | {mine.peak_rss_mb / other.peak_rss_mb:.2f} |"
+            )
         else:
-            lines.append(f"| {name} | {mine.seconds:.2f} | – | – | {mine.peak_rss_mb:.1f} | – | – |")
+            lines.append(
+                f"| {name} | {mine.seconds:.2f} | - | - | {mine.peak_rss_mb:.1f} | - | - |"
+            )
     growth = large.peak_rss_mb - small.peak_rss_mb
     verdict = large.peak_rss_mb < 100 and growth <= 10
     lines.append("")
-    lines.append(f"big-blob memory: peak {large.peak_rss_mb:.1f} MB for {BIG_BLOB_MB} MB vs "
-                 f"{small.peak_rss_mb:.1f} MB for 6 MB (growth {growth:+.1f} MB): "
-                 f"{'flat' if verdict else 'NOT FLAT'} (limit: < 100 MB, growth ≤ 10 MB)")
+    lines.append(
+        f"big-blob memory: peak {large.peak_rss_mb:.1f} MB for {BIG_BLOB_MB} MB vs "
+        f"{small.peak_rss_mb:.1f} MB for 6 MB (growth {growth:+.1f} MB): "
+        f"{'flat' if verdict else 'NOT FLAT'} (limit: < 100 MB, growth ≤ 10 MB)"
+    )
     report = "\n".join(lines)
     print("\n" + report)
     (OUT / "report.md").write_text(report + "\n")

@@ -32,12 +32,18 @@ def seed_source(src: RegistryProcess) -> list[tuple[str, str]]:
         images.push_index(src, "library/nginx", tag, shared_layers=[base], seed=f"nginx-{tag}")
         pushed.append(("library/nginx", tag))
     for tag in ("7.2", "7.4"):
-        images.push_image(src, "library/redis", tag, media="oci",
-                          layers=[base, images.make_layer(256 * 1024, seed=f"redis-{tag}")])
+        images.push_image(
+            src,
+            "library/redis",
+            tag,
+            media="oci",
+            layers=[base, images.make_layer(256 * 1024, seed=f"redis-{tag}")],
+        )
         pushed.append(("library/redis", tag))
     for app in ("api", "web", "worker"):
-        images.push_image(src, f"team/{app}", "v1",
-                          layers=[base, images.make_layer(128 * 1024, seed=app)])
+        images.push_image(
+            src, f"team/{app}", "v1", layers=[base, images.make_layer(128 * 1024, seed=app)]
+        )
         pushed.append((f"team/{app}", "v1"))
     return pushed
 
@@ -62,11 +68,23 @@ def write_config(src: RegistryProcess, dst: RegistryProcess) -> Path:
 
 def run_sync(config: Path, dst: RegistryProcess, label: str) -> int:
     """Run the CLI as a user would; return its exit code."""
-    command = [sys.executable, "-m", "workers.cli", "sync", f"--config={config}",
-               f"--registry={dst.host}", "--namespace=image-syncer", "--proc=4",
-               "--output-failed-images", str(OUT / "failed.yaml")]
-    print(f"\n$ syncer sync --config={config} --registry={dst.host} "
-          "--namespace=image-syncer --proc=4   # " + label, flush=True)
+    command = [
+        sys.executable,
+        "-m",
+        "workers.cli",
+        "sync",
+        f"--config={config}",
+        f"--registry={dst.host}",
+        "--namespace=image-syncer",
+        "--proc=4",
+        "--output-failed-images",
+        str(OUT / "failed.yaml"),
+    ]
+    print(
+        f"\n$ syncer sync --config={config} --registry={dst.host} "
+        "--namespace=image-syncer --proc=4   # " + label,
+        flush=True,
+    )
     return subprocess.run(command, check=False).returncode
 
 
@@ -100,8 +118,10 @@ def main() -> int:
             second = run_sync(config, dst, "second run: everything up to date")
             print("\nverifying digests on both sides:")
             bad = verify(src, dst, pushed)
-    print(f"\ndemo {'passed' if not (first or second or bad) else 'FAILED'}: "
-          f"exit codes {first}, {second}; {bad} digest mismatches")
+    print(
+        f"\ndemo {'passed' if not (first or second or bad) else 'FAILED'}: "
+        f"exit codes {first}, {second}; {bad} digest mismatches"
+    )
     return 1 if (first or second or bad) else 0
 
 

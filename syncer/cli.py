@@ -13,7 +13,8 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 
 import click
 
@@ -22,7 +23,7 @@ from syncer.config import load_auth_file, load_config
 from syncer.copier import ImageCopier
 from syncer.credentials import CredentialStore
 from syncer.errors import ConfigError, SyncerError
-from syncer.jobs import Plan
+from syncer.jobs import Job, Plan
 from syncer.ledger import MemoryLedger, RunSummary
 from syncer.listing import RegistryLister
 from syncer.local import run_plan
@@ -33,8 +34,10 @@ from syncer.progress import ByteCounter, ProgressView
 from syncer.reference import parse_reference
 from syncer.registry import Registries
 from syncer.report import EXIT_USAGE, exit_code, render_summary, write_images_file
-from syncer.retry import RetryPolicy
+from syncer.retry import RetryPolicy, call_with_retries
 from syncer.runner import describe_error
+
+PATH = click.Path(dir_okay=False)
 
 
 def fail_usage(problems: list[str]) -> None:
@@ -44,69 +47,125 @@ def fail_usage(problems: list[str]) -> None:
     sys.exit(EXIT_USAGE)
 
 
-def platform_options(func: Callable) -> Callable:
-    """``--os`` / ``--arch`` filters (repeatable, image-syncer's syntax)."""
-    func = click.option("--arch", "arch", multiple=True, metavar="ARCH[:VARIANT]",
-                        help="Keep only these architectures of a multi-platform image.")(func)
-    return click.option("--os", "os_", multiple=True, metavar="OS[:VERSION]",
-                        help="Keep only these operating systems of a multi-platform image.")(func)
-
-
-def rule_options(func: Callable) -> Callable:
-    """Options shared by ``sync`` and ``plan``: where the rules are and how to expand them."""
-    options = [
-        click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                     help="Legacy single file with 'auth' and 'images' sections (JSON/YAML)."),
-        click.option("--auth", "auth_file", type=click.Path(dir_okay=False),
-                     help="Auth file: registry[/namespace] -> username/password/insecure/ca_file."),
-        click.option("--images", "images_file", type=click.Path(dir_okay=False),
-                     help="Images file: source -> destination (string or list)."),
-        click.option("--registry", envvar="DEFAULT_REGISTRY", default=None,
-                     help="Default destination registry for empty destinations [env DEFAULT_REGISTRY]."),
-        click.option("--namespace", envvar="DEFAULT_NAMESPACE", default=None,
-                     help="Default destination namespace [env DEFAULT_NAMESPACE]."),
-        click.option("-r", "--retries", default=2, show_default=True, type=click.IntRange(0, 100),
-                     help="Retries per image for transient errors."),
-        click.option("-p", "--proc", default=5, show_default=True, type=click.IntRange(1, 256),
-                     help="Images copied at once (and repositories listed at once)."),
-        click.option("--force", is_flag=True, help="Push even when the destination is up to date."),
-        platform_options,
-    ]
+def apply_options(func: Callable, options: list[Callable]) -> Callable:
+    """Decorate ``func`` with click options, first listed shown first in ``--help``."""
     for option in reversed(options):
         func = option(func)
     return func
+
+
+PLATFORM_OPTIONS = [
+    click.option("--os", "os_", multiple=True, metavar="OS[:VERSION]",
+                 help="Keep only these operating systems of a multi-platform image."),
+    click.option("--arch", multiple=True, metavar="ARCH[:VARIANT]",
+                 help="Keep only these architectures of a multi-platform image."),
+]  # fmt: skip
+
+RULE_OPTIONS = [
+    click.option("--config", "config_file", type=PATH,
+                 help="Legacy single file with 'auth' and 'images' sections (JSON/YAML)."),
+    click.option("--auth", "auth_file", type=PATH,
+                 help="Auth file: registry[/namespace] -> username/password/insecure/ca_file."),
+    click.option("--images", "images_file", type=PATH,
+                 help="Images file: source -> destination (string or list)."),
+    click.option("--registry", envvar="DEFAULT_REGISTRY",
+                 help="Default destination registry for empty destinations."),
+    click.option("--namespace", envvar="DEFAULT_NAMESPACE",
+                 help="Default destination namespace for empty destinations."),
+    click.option("-r", "--retries", default=2, show_default=True, type=click.IntRange(0, 100),
+                 help="Retries per image, for transient errors only."),
+    click.option("-p", "--proc", default=5, show_default=True, type=click.IntRange(1, 256),
+                 help="Images copied at once (and repositories listed at once)."),
+    click.option("--force", is_flag=True, help="Push even when the destination is up to date."),
+    *PLATFORM_OPTIONS,
+]  # fmt: skip
+
+OUTPUT_OPTIONS = [
+    click.option("--log", "log_file", type=PATH, help="Write the log here instead of stderr."),
+    click.option("--dry-run", is_flag=True, help="Show what would be copied; change nothing."),
+    click.option("--output-success-images", "success_file", type=PATH,
+                 help="Write the images that synced (or were up to date) to this file."),
+    click.option("--output-failed-images", "failed_file", type=PATH,
+                 help="Write the images that failed to this file (feed it back as --images)."),
+    click.option("--output-images-format", "images_format", type=click.Choice(["yaml", "json"]),
+                 default="yaml", show_default=True),
+]  # fmt: skip
+
+
+class _TakenFromClick:
+    """A dataclass whose fields are popped out of a click command's keyword arguments."""
+
+    @classmethod
+    def take(cls, options: dict):
+        """Pop this dataclass's fields out of ``options``."""
+        return cls(**{f.name: options.pop(f.name) for f in fields(cls)})
+
+
+@dataclass
+class RuleOptions(_TakenFromClick):
+    """Where the rules are and how to expand them (``sync`` and ``plan``)."""
+
+    config_file: str | None
+    auth_file: str | None
+    images_file: str | None
+    registry: str | None
+    namespace: str | None
+    retries: int
+    proc: int
+    force: bool
+    os_: tuple[str, ...]
+    arch: tuple[str, ...]
+
+    @property
+    def platforms(self) -> PlatformFilter:
+        """The ``--os`` / ``--arch`` filter."""
+        return PlatformFilter(os=tuple(self.os_), arch=tuple(self.arch))
+
+
+@dataclass
+class OutputOptions(_TakenFromClick):
+    """What ``sync`` and ``plan --wait`` write besides the summary."""
+
+    log_file: str | None
+    dry_run: bool
+    success_file: str | None
+    failed_file: str | None
+    images_format: str
 
 
 @dataclass
 class Prepared:
     """A validated config turned into credentials and a plan."""
 
-    store: CredentialStore
     registries: Registries
     plan: Plan
     policy: RetryPolicy
 
 
-def load_store(config_file, auth_file, images_file) -> tuple[CredentialStore, list]:
-    """Validate the config files (exit 2 on mistakes) and return credentials + rules."""
+def prepare(rules: RuleOptions, *, log_file: str | None = None,
+            quiet_stderr: bool = False) -> Prepared:
+    """Validate (exit 2 on mistakes), set up logging, then list tags and build the plan."""
     try:
-        loaded = load_config(config_file, auth_file, images_file)
+        loaded = load_config(rules.config_file, rules.auth_file, rules.images_file)
     except ConfigError as exc:
         fail_usage(exc.problems)
-    return CredentialStore(loaded.auth_entries), loaded.rules
-
-
-def prepare(config_file, auth_file, images_file, registry, namespace, retries, proc, force,
-            os_, arch, *, log_file=None, progress_enabled=False) -> Prepared:
-    """Validate, set up logging, then list tags and build the plan."""
-    store, rules = load_store(config_file, auth_file, images_file)
-    configure_logging(log_file=log_file, secrets=store.secrets, quiet_stderr=progress_enabled)
+    store = CredentialStore(loaded.auth_entries)
+    configure_logging(log_file=log_file, secrets=store.secrets, quiet_stderr=quiet_stderr)
     registries = Registries(store)
-    platforms = PlatformFilter(os=tuple(os_), arch=tuple(arch))
-    plan = plan_rules(rules, RegistryLister(registries), default_registry=registry,
-                      default_namespace=namespace, platforms=platforms, force=force,
-                      parallelism=proc)
-    return Prepared(store, registries, plan, RetryPolicy(max_retries=retries))
+    plan = plan_rules(loaded.rules, RegistryLister(registries), default_registry=rules.registry,
+                      default_namespace=rules.namespace, platforms=rules.platforms,
+                      force=rules.force, parallelism=rules.proc)
+    return Prepared(registries, plan, RetryPolicy(max_retries=rules.retries))
+
+
+def finish(summary: RunSummary, output: OutputOptions) -> None:
+    """Print the summary, write the output files, exit 0 or 1."""
+    click.echo(render_summary(summary))
+    if output.success_file:
+        write_images_file(output.success_file, summary.succeeded, output.images_format)
+    if output.failed_file:
+        write_images_file(output.failed_file, summary.failures, output.images_format)
+    sys.exit(exit_code(summary))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -118,12 +177,11 @@ def cli() -> None:
 @cli.command()
 @click.argument("source")
 @click.argument("destination")
-@click.option("--auth", "auth_file", type=click.Path(dir_okay=False), help="Auth file.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="Config file whose 'auth' section is used.")
+@click.option("--auth", "auth_file", type=PATH, help="Auth file.")
+@click.option("--config", "config_file", type=PATH, help="A config whose 'auth' section is used.")
 @click.option("-r", "--retries", default=2, show_default=True, type=click.IntRange(0, 100))
 @click.option("--force", is_flag=True, help="Push even when the destination is up to date.")
-@platform_options
+@lambda func: apply_options(func, PLATFORM_OPTIONS)
 def copy(source, destination, auth_file, config_file, retries, force, os_, arch) -> None:
     """Copy one image SOURCE to DESTINATION (all platforms unless --os/--arch)."""
     try:
@@ -136,8 +194,6 @@ def copy(source, destination, auth_file, config_file, retries, force, os_, arch)
     registries = Registries(store)
     copier = ImageCopier(registries)
     platforms = PlatformFilter(os=tuple(os_), arch=tuple(arch))
-    from syncer.retry import call_with_retries
-
     try:
         result = call_with_retries(
             lambda: copier.copy(src, dst, platforms=platforms, force=force),
@@ -151,72 +207,40 @@ def copy(source, destination, auth_file, config_file, retries, force, os_, arch)
     click.echo(result.summary())
 
 
-def sync_options(func: Callable) -> Callable:
-    """Options of ``sync`` beyond the rule options: log, dry run, output files."""
-    options = [
-        rule_options,
-        click.option("--log", "log_file", type=click.Path(dir_okay=False),
-                     help="Write the log to this file instead of stderr."),
-        click.option("--dry-run", is_flag=True, help="Show what would be copied; change nothing."),
-        click.option("--output-success-images", type=click.Path(dir_okay=False),
-                     help="Write the images that synced (or were up to date) to this file."),
-        click.option("--output-failed-images", type=click.Path(dir_okay=False),
-                     help="Write the images that failed to this file (feed it back as --images)."),
-        click.option("--output-images-format", type=click.Choice(["yaml", "json"]),
-                     default="yaml", show_default=True),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def run_sync(config_file, auth_file, images_file, registry, namespace, retries, proc, force,
-             os_, arch, log_file, dry_run, output_success_images, output_failed_images,
-             output_images_format) -> None:
+def run_sync(options: dict) -> None:
     """The body of ``syncer sync`` / ``image-syncer``: plan, run on a thread pool, report."""
-    show_progress = sys.stderr.isatty() and not log_file and not dry_run
-    prepared = prepare(config_file, auth_file, images_file, registry, namespace, retries, proc,
-                       force, os_, arch, log_file=log_file, progress_enabled=show_progress)
-    if dry_run:
-        sys.exit(dry_run_report(prepared, proc))
+    rules, output = RuleOptions.take(options), OutputOptions.take(options)
+    show_progress = sys.stderr.isatty() and not output.log_file and not output.dry_run
+    prepared = prepare(rules, log_file=output.log_file, quiet_stderr=show_progress)
+    if output.dry_run:
+        sys.exit(dry_run_report(prepared, rules.proc))
     ledger = MemoryLedger(run_id=time.strftime("local-%Y%m%d-%H%M%S"))
     moved = ByteCounter()
     copier = ImageCopier(prepared.registries)
     try:
         with ProgressView(ledger.summary, live_bytes=moved, enabled=show_progress):
-            run_plan(prepared.plan, copier, ledger, policy=prepared.policy, workers=proc,
+            run_plan(prepared.plan, copier, ledger, policy=prepared.policy, workers=rules.proc,
                      on_bytes=moved.add)
     finally:
         prepared.registries.close()
-    summary = ledger.summary()
-    finish(summary, output_success_images, output_failed_images, output_images_format)
-
-
-def finish(summary: RunSummary, success_file, failed_file, fmt) -> None:
-    """Print the summary, write the output files, exit 0 or 1."""
-    click.echo(render_summary(summary))
-    if success_file:
-        write_images_file(success_file, summary.succeeded, fmt)
-    if failed_file:
-        write_images_file(failed_file, summary.failures, fmt)
-    sys.exit(exit_code(summary))
+    finish(ledger.summary(), output)
 
 
 def dry_run_report(prepared: Prepared, proc: int) -> int:
     """Print each job and whether its destination is already up to date; copy nothing."""
-    from concurrent.futures import ThreadPoolExecutor
 
-    def check(job) -> str:
+    def check(job: Job) -> str:
         try:
             src, dst = parse_reference(job.source), parse_reference(job.destination)
-            wanted = prepared.registries.client(src.registry).manifest_digest(
-                src.repository, src.identifier)
-            present = prepared.registries.client(dst.registry).manifest_digest(
-                dst.repository, dst.identifier)
+            registries = prepared.registries
+            wanted = registries.client(src.registry).manifest_digest(src.repository,
+                                                                     src.identifier)
+            present = registries.client(dst.registry).manifest_digest(dst.repository,
+                                                                      dst.identifier)
         except SyncerError as exc:
-            return f"unknown     {job.label}: {describe_error(exc)}"
+            return f"{'unknown':<11} {job.label}: {describe_error(exc)}"
         if wanted is None:
-            return f"missing     {job.label}: source not found"
+            return f"{'missing':<11} {job.label}: source not found"
         state = "up-to-date" if wanted == present and not job.force else "would-copy"
         return f"{state:<11} {job.label}"
 
@@ -225,16 +249,21 @@ def dry_run_report(prepared: Prepared, proc: int) -> int:
             click.echo(line)
     for failure in prepared.plan.failures:
         click.echo(f"{'failed':<11} {failure.label}: {failure.reason}")
-    click.echo(f"{len(prepared.plan.jobs)} images planned, {len(prepared.plan.failures)} rules failed "
-               "(dry run: nothing copied)")
+    click.echo(f"{len(prepared.plan.jobs)} images planned, {len(prepared.plan.failures)} "
+               "rules failed (dry run: nothing copied)")
     return 1 if prepared.plan.failures else 0
+
+
+def sync_options(func: Callable) -> Callable:
+    """Every option of ``sync``: the rule options and the output options."""
+    return apply_options(func, [*RULE_OPTIONS, *OUTPUT_OPTIONS])
 
 
 @cli.command()
 @sync_options
 def sync(**options) -> None:
     """Sync every image of the config on a thread pool in this process (no Redis needed)."""
-    run_sync(**options)
+    run_sync(options)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -242,10 +271,10 @@ def sync(**options) -> None:
 @click.version_option(__version__, prog_name="image-syncer")
 def image_syncer(**options) -> None:
     """image-syncer compatible entry point: the same as ``syncer sync``."""
-    run_sync(**options)
+    run_sync(options)
 
 
-def _guard(command: Callable) -> Callable:
+def guard(command: Callable) -> Callable:
     """Turn a stray SyncerError into one line + exit 1 instead of a traceback."""
 
     @functools.wraps(command)
@@ -261,8 +290,8 @@ def _guard(command: Callable) -> Callable:
     return run
 
 
-main = _guard(cli)
-image_syncer_main = _guard(image_syncer)
+main = guard(cli)
+image_syncer_main = guard(image_syncer)
 
 
 def print_json(data: dict) -> None:

@@ -66,7 +66,10 @@ class ProgressView:
         self._task = self._progress.add_task("images", total=None, detail="")
 
     def _draw(self) -> None:
-        summary = self._summary()
+        try:
+            summary = self._summary()
+        except Exception:
+            return
         moved = self._live_bytes.total if self._live_bytes else summary.bytes_copied
         rate = moved / summary.duration if summary.duration else 0.0
         detail = (
@@ -74,7 +77,9 @@ class ProgressView:
             if summary.failed
             else f"{human_bytes(moved)}  {human_bytes(rate)}/s"
         )
-        self._progress.update(self._task, total=summary.total, completed=summary.done, detail=detail)
+        self._progress.update(
+            self._task, total=summary.total, completed=summary.done, detail=detail
+        )
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):

@@ -29,8 +29,14 @@ HOLDERS_TTL = 7 * 24 * 3600
 class RedisBlobCoordinator:
     """Implements :class:`syncer.dedupe.BlobCoordinator` over Redis."""
 
-    def __init__(self, client: redis.Redis, *, lock_ttl: float = 60.0, poll: float = 0.2,
-                 max_wait: float = 3600.0):
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        lock_ttl: float = 60.0,
+        poll: float = 0.2,
+        max_wait: float = 3600.0,
+    ):
         self.redis = client
         self.lock_ttl = lock_ttl
         self.poll = poll
@@ -47,8 +53,9 @@ class RedisBlobCoordinator:
             yield  # Redis unreachable: go on unlocked (a duplicate upload is safe, only wasteful)
             return
         stop = threading.Event()
-        watchdog = threading.Thread(target=self._keep_alive, args=(key, token, ttl_ms, stop),
-                                    daemon=True)
+        watchdog = threading.Thread(
+            target=self._keep_alive, args=(key, token, ttl_ms, stop), daemon=True
+        )
         watchdog.start()
         try:
             yield

@@ -78,8 +78,17 @@ class RedisLedger:
         return self._prefix + name
 
     def _keys(self) -> list[str]:
-        names = ("meta", "jobs", "state", "reason", "digest", "attempts", "worker", "final",
-                 "counters")
+        names = (
+            "meta",
+            "jobs",
+            "state",
+            "reason",
+            "digest",
+            "attempts",
+            "worker",
+            "final",
+            "counters",
+        )
         return [self.key(n) for n in names]
 
     def _touch(self, pipe) -> None:
@@ -90,12 +99,17 @@ class RedisLedger:
         """Create the run: every job pending, every planner failure final."""
         now = time.time()
         pipe = self.redis.pipeline()
-        pipe.hset(self.key("meta"), mapping={"created_at": now, "total": len(jobs) + len(failures),
-                                             "retries": retries})
+        pipe.hset(
+            self.key("meta"),
+            mapping={"created_at": now, "total": len(jobs) + len(failures), "retries": retries},
+        )
         pipe.hset(self.key("counters"), mapping=dict.fromkeys(COUNTERS, 0))
         for item in [*jobs, *failures]:
-            pipe.hset(self.key("jobs"), item.id,
-                      json.dumps({"source": item.source, "destination": item.destination}))
+            pipe.hset(
+                self.key("jobs"),
+                item.id,
+                json.dumps({"source": item.source, "destination": item.destination}),
+            )
         for job in jobs:
             pipe.hsetnx(self.key("state"), job.id, "pending")
         for failure in failures:
@@ -114,15 +128,19 @@ class RedisLedger:
 
     def mark_running(self, job_id: str, worker: str = "") -> None:
         """An attempt started (on node ``worker``)."""
-        self._transient(keys=[self.key("final"), self.key("state"), self.key("reason"),
-                              self.key("attempts")], args=[job_id, "running", ""])
+        self._transient(
+            keys=[self.key("final"), self.key("state"), self.key("reason"), self.key("attempts")],
+            args=[job_id, "running", ""],
+        )
         if worker:
             self.redis.hset(self.key("worker"), job_id, worker)
 
     def mark_retrying(self, job_id: str, reason: str) -> None:
         """A transient failure; another attempt is scheduled."""
-        self._transient(keys=[self.key("final"), self.key("state"), self.key("reason"),
-                              self.key("attempts")], args=[job_id, "retrying", reason])
+        self._transient(
+            keys=[self.key("final"), self.key("state"), self.key("reason"), self.key("attempts")],
+            args=[job_id, "retrying", reason],
+        )
 
     def _final(self, job_id: str, state: str, reason: str, digest: str, counts: dict) -> bool:
         args: list = [job_id, state, reason, digest, time.time()]
@@ -137,8 +155,9 @@ class RedisLedger:
 
     def mark_done(self, job_id: str, result: dict) -> bool:
         """Final success; False if the job was already final (nothing counted again)."""
-        return self._final(job_id, result.get("status", "synced"), "", result.get("digest", ""),
-                           result)
+        return self._final(
+            job_id, result.get("status", "synced"), "", result.get("digest", ""), result
+        )
 
     def mark_failed(self, job_id: str, reason: str) -> bool:
         """Final failure; False if the job was already final."""
@@ -157,12 +176,18 @@ class RedisLedger:
         found = []
         for job_id, raw in jobs.items():
             data = json.loads(raw)
-            found.append(JobRecord(
-                id=_text(job_id), source=data["source"], destination=data["destination"],
-                state=_text(states.get(job_id, b"pending")), reason=_text(reasons.get(job_id, b"")),
-                digest=_text(digests.get(job_id, b"")), attempts=int(attempts.get(job_id, 0)),
-                worker=_text(workers.get(job_id, b"")),
-            ))
+            found.append(
+                JobRecord(
+                    id=_text(job_id),
+                    source=data["source"],
+                    destination=data["destination"],
+                    state=_text(states.get(job_id, b"pending")),
+                    reason=_text(reasons.get(job_id, b"")),
+                    digest=_text(digests.get(job_id, b"")),
+                    attempts=int(attempts.get(job_id, 0)),
+                    worker=_text(workers.get(job_id, b"")),
+                )
+            )
         return sorted(found, key=lambda r: (r.source, r.destination))
 
     def summary(self) -> RunSummary:
@@ -172,7 +197,8 @@ class RedisLedger:
             raise RunNotFound(self.run_id)
         counters = {_text(k): int(v) for k, v in self.redis.hgetall(self.key("counters")).items()}
         summary = RunSummary(
-            self.run_id, total=int(meta.get("total", 0)),
+            self.run_id,
+            total=int(meta.get("total", 0)),
             started_at=float(meta.get("created_at", 0)),
             finished_at=float(meta.get("finished_at", 0) or 0),
             **{name: counters.get(name, 0) for name in COUNTERS},
@@ -182,4 +208,3 @@ class RedisLedger:
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-

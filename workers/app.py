@@ -17,7 +17,8 @@ def _overrides(module_name: str) -> dict:
     return {
         name: value
         for name, value in vars(module).items()
-        if name.islower() and not name.startswith("_")
+        if name.islower()
+        and not name.startswith("_")
         and not isinstance(value, types.ModuleType | types.FunctionType | type)
     }
 

@@ -13,13 +13,15 @@ import click
 import redis
 
 from syncer.cli import (
-    _guard,
+    PATH,
+    OutputOptions,
+    RuleOptions,
     cli,
     fail_usage,
     finish,
+    guard,
     prepare,
     print_json,
-    rule_options,
     sync_options,
 )
 from syncer.config import load_auth_file
@@ -27,7 +29,7 @@ from syncer.errors import ConfigError
 from syncer.logsetup import configure_logging
 from syncer.progress import ProgressView
 from syncer.redis_ledger import RedisLedger, RunNotFound
-from syncer.report import render_summary
+from syncer.report import exit_code, render_summary
 
 
 def _redis() -> redis.Redis:
@@ -42,31 +44,28 @@ def new_run_id() -> str:
 
 
 @cli.command()
-@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.argument("config", required=False, type=PATH)
 @sync_options
 @click.option("--wait", is_flag=True, help="Follow the run until it ends; exit like 'sync'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run (or final summary) as JSON.")
-def plan(config, config_file, wait, as_json, dry_run, log_file, **options) -> None:
+def plan(config, wait, as_json, **options) -> None:
     """List source tags, create a run in Redis and enqueue one task per image.
 
-    CONFIG is the legacy single config file (same as --config).
+    CONFIG is the legacy single config file (the same as --config).
     """
     from workers.tasks import sync_image
 
-    config_file = config or config_file
-    if dry_run:
+    rules, output = RuleOptions.take(options), OutputOptions.take(options)
+    rules.config_file = config or rules.config_file
+    if output.dry_run:
         fail_usage(["plan: --dry-run belongs to 'syncer sync --dry-run'"])
-    success_file = options.pop("output_success_images")
-    failed_file = options.pop("output_failed_images")
-    fmt = options.pop("output_images_format")
-    prepared = prepare(config_file, options.pop("auth_file"), options.pop("images_file"),
-                       log_file=log_file, **options)
+    prepared = prepare(rules, log_file=output.log_file)
     run_id = new_run_id()
     ledger = RedisLedger(_redis(), run_id)
-    ledger.begin(prepared.plan.jobs, prepared.plan.failures, retries=options["retries"])
+    ledger.begin(prepared.plan.jobs, prepared.plan.failures, retries=rules.retries)
     for job in prepared.plan.jobs:
         sync_image.apply_async(
-            args=(run_id, job.to_dict(), options["retries"]),
+            args=(run_id, job.to_dict(), rules.retries),
             argsrepr=f"({run_id!r}, {job.label!r})",  # what Flower and logs show
         )
     prepared.registries.close()
@@ -81,8 +80,8 @@ def plan(config, config_file, wait, as_json, dry_run, log_file, **options) -> No
     summary = wait_for(ledger, show_progress=sys.stderr.isatty() and not as_json)
     if as_json:
         print_json(summary.to_dict())
-        sys.exit(1 if summary.failed else 0)
-    finish(summary, success_file, failed_file, fmt)
+        sys.exit(exit_code(summary))
+    finish(summary, output)
 
 
 def wait_for(ledger: RedisLedger, *, show_progress: bool, poll: float = 0.5):
@@ -118,17 +117,32 @@ def status(run_id, as_json, watch) -> None:
         print_json(summary.to_dict())
     else:
         click.echo(render_summary(summary))
-    sys.exit(1 if summary.failed else 0)
+    sys.exit(exit_code(summary))
 
 
 @cli.command()
-@click.option("-c", "--concurrency", default=4, show_default=True, type=click.IntRange(1, 256),
-              help="Images copied at once by this worker.")
-@click.option("--pool", type=click.Choice(["prefork", "threads"]), default="prefork",
-              show_default=True, help="Celery pool (prefork: isolation and time limits).")
+@click.option(
+    "-c",
+    "--concurrency",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Images copied at once by this worker.",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(["prefork", "threads"]),
+    default="prefork",
+    show_default=True,
+    help="Celery pool (prefork: isolation and time limits).",
+)
 @click.option("--auth", "auth_file", type=click.Path(dir_okay=False), help="This host's auth file.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="A config whose 'auth' section this worker uses.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="A config whose 'auth' section this worker uses.",
+)
 @click.option("-n", "--hostname", default=None, help="Node name (default: syncer@%h).")
 @click.option("-l", "--loglevel", default="INFO", show_default=True)
 def worker(concurrency, pool, auth_file, config_file, hostname, loglevel) -> None:
@@ -148,9 +162,16 @@ def worker(concurrency, pool, auth_file, config_file, hostname, loglevel) -> Non
     from workers.app import app
 
     configure_logging(log_file=None, secrets=CredentialStore(entries).secrets)
-    argv = ["worker", f"--concurrency={concurrency}", f"--pool={pool}", f"--loglevel={loglevel}",
-            "--task-events", f"--hostname={hostname or 'syncer@%h'}", "--without-gossip",
-            "--without-mingle"]
+    argv = [
+        "worker",
+        f"--concurrency={concurrency}",
+        f"--pool={pool}",
+        f"--loglevel={loglevel}",
+        "--task-events",
+        f"--hostname={hostname or 'syncer@%h'}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     app.worker_main(argv)
 
 
@@ -166,8 +187,8 @@ def flower(port, address) -> None:
     app.start(["flower", f"--port={port}", f"--address={address}"])
 
 
-main = _guard(cli)
-__all__ = ["main", "rule_options"]
+main = guard(cli)
+__all__ = ["main"]
 
 
 if __name__ == "__main__":

@@ -35,8 +35,13 @@ def load_worker_store() -> CredentialStore:
 
 def redis_client() -> redis.Redis:
     """A Redis client for ledgers and blob dedupe, tolerant of a restarting server."""
-    return redis.Redis.from_url(redis_url(), socket_timeout=30, socket_connect_timeout=10,
-                                health_check_interval=15, retry_on_timeout=True)
+    return redis.Redis.from_url(
+        redis_url(),
+        socket_timeout=30,
+        socket_connect_timeout=10,
+        health_check_interval=15,
+        retry_on_timeout=True,
+    )
 
 
 @dataclass
@@ -67,7 +72,8 @@ def get_context() -> WorkerContext:
             registries = Registries(store)
             client = redis_client()
             coordinator = RedisBlobCoordinator(client)
-            _context = WorkerContext(registries, ImageCopier(registries, coordinator=coordinator),
-                                     client, store.secrets)
+            _context = WorkerContext(
+                registries, ImageCopier(registries, coordinator=coordinator), client, store.secrets
+            )
             _context_pid = os.getpid()
         return _context

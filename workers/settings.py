@@ -31,8 +31,9 @@ def build_settings() -> dict:
     """The Celery configuration as a dict."""
     time_limit = int(os.environ.get("SYNCER_TASK_TIME_LIMIT", "3600"))
     longest_retry = RetryPolicy().longest_delay
-    visibility = int(os.environ.get("SYNCER_VISIBILITY_TIMEOUT",
-                                    str(time_limit + int(longest_retry) + 600)))
+    visibility = int(
+        os.environ.get("SYNCER_VISIBILITY_TIMEOUT", str(time_limit + int(longest_retry) + 600))
+    )
     return {
         "broker_url": broker_url(),
         "broker_transport_options": {"visibility_timeout": visibility},

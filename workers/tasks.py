@@ -65,10 +65,17 @@ def sync_image(self, run_id: str, job: dict, retries: int = 2) -> dict:
         if policy.should_retry(self.request.retries, exc):
             countdown = policy.delay(self.request.retries, exc)
             durable(ledger.mark_retrying, parsed.id, reason)
-            log.warning("retry %d/%d in %.1fs for %s: %s", self.request.retries + 1, retries,
-                        countdown, parsed.label, reason)
-            raise self.retry(countdown=countdown, max_retries=retries,
-                             exc=ImageSyncFailed(reason)) from None
+            log.warning(
+                "retry %d/%d in %.1fs for %s: %s",
+                self.request.retries + 1,
+                retries,
+                countdown,
+                parsed.label,
+                reason,
+            )
+            raise self.retry(
+                countdown=countdown, max_retries=retries, exc=ImageSyncFailed(reason)
+            ) from None
         durable(ledger.mark_failed, parsed.id, reason)
         log.error("failed %s: %s", parsed.label, reason)
         raise ImageSyncFailed(reason) from None

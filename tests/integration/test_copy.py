@@ -42,12 +42,17 @@ def test_every_manifest_kind_is_copied_digest_identical(make_registry, kind):
     src, dst = make_registry(), make_registry()
     media = "oci" if kind.startswith("oci") else "docker"
     if kind in ("docker", "oci"):
-        pushed = images.push_image(src, "app/web", "1.0", media=media,
-                                   layers=[images.make_layer(4096, seed=1),
-                                           images.make_layer(70_000, seed=2)])
+        pushed = images.push_image(
+            src,
+            "app/web",
+            "1.0",
+            media=media,
+            layers=[images.make_layer(4096, seed=1), images.make_layer(70_000, seed=2)],
+        )
     else:
-        pushed = images.push_index(src, "app/web", "1.0", media=media,
-                                   shared_layers=[images.make_layer(5000, seed=3)])
+        pushed = images.push_index(
+            src, "app/web", "1.0", media=media, shared_layers=[images.make_layer(5000, seed=3)]
+        )
     copier = ImageCopier(registries_for(src, dst))
     result = copier.copy(ref(src, "app/web:1.0"), ref(dst, "mirror/web:1.0"))
     assert result.status == "synced" and result.digest == pushed.digest
@@ -71,13 +76,16 @@ def test_second_copy_is_skipped_without_blob_traffic(make_registry, make_proxy):
     images.push_index(src, "a/b", "v1")
     src_proxy, dst_proxy = make_proxy(src), make_proxy(dst)
     copier = ImageCopier(registries_for(src, dst))
-    copier.copy(parse_reference(f"{src_proxy.host}/a/b:v1"), parse_reference(f"{dst_proxy.host}/a/b:v1"))
+    copier.copy(
+        parse_reference(f"{src_proxy.host}/a/b:v1"), parse_reference(f"{dst_proxy.host}/a/b:v1")
+    )
     assert dst_proxy.count(["POST", "PUT", "PATCH"], "/blobs/") > 0
     src_proxy.reset()
     dst_proxy.reset()
 
-    again = copier.copy(parse_reference(f"{src_proxy.host}/a/b:v1"),
-                        parse_reference(f"{dst_proxy.host}/a/b:v1"))
+    again = copier.copy(
+        parse_reference(f"{src_proxy.host}/a/b:v1"), parse_reference(f"{dst_proxy.host}/a/b:v1")
+    )
     assert again.status == "skipped"
     assert dst_proxy.count(["POST", "PUT", "PATCH"], "") == 0
     assert src_proxy.count("GET", "/blobs/") == 0
@@ -106,11 +114,19 @@ def test_shared_layers_are_mounted_across_destination_repos(make_registry, make_
 
 def test_platform_filter_keeps_only_arm64(make_registry):
     src, dst = make_registry(), make_registry()
-    pushed = images.push_index(src, "multi/app", "2.0", platforms=[AMD64, ARM64],
-                               shared_layers=[images.make_layer(3000, seed="s")])
+    pushed = images.push_index(
+        src,
+        "multi/app",
+        "2.0",
+        platforms=[AMD64, ARM64],
+        shared_layers=[images.make_layer(3000, seed="s")],
+    )
     copier = ImageCopier(registries_for(src, dst))
-    result = copier.copy(ref(src, "multi/app:2.0"), ref(dst, "multi/app:2.0"),
-                         platforms=PlatformFilter(arch=("arm64",)))
+    result = copier.copy(
+        ref(src, "multi/app:2.0"),
+        ref(dst, "multi/app:2.0"),
+        platforms=PlatformFilter(arch=("arm64",)),
+    )
     tree = images.walk_image(dst, "multi/app", "2.0")
     assert not tree.missing
     children = [m for m in tree.manifests.values() if m.digest != tree.digest]
@@ -120,8 +136,11 @@ def test_platform_filter_keeps_only_arm64(make_registry):
         assert not images.blob_exists(dst, "multi/app", digest)
     assert result.digest == tree.digest != pushed.digest
     # Running the same filtered copy again recognises the filtered index and skips.
-    again = copier.copy(ref(src, "multi/app:2.0"), ref(dst, "multi/app:2.0"),
-                        platforms=PlatformFilter(arch=("arm64",)))
+    again = copier.copy(
+        ref(src, "multi/app:2.0"),
+        ref(dst, "multi/app:2.0"),
+        platforms=PlatformFilter(arch=("arm64",)),
+    )
     assert again.status == "skipped"
 
 
@@ -164,7 +183,8 @@ def test_tls_refused_by_default_then_ca_or_insecure(make_registry):
 
     images.push_image(src, "secure/app", "v2")
     ImageCopier(registries_for(src, dst, ca=False, insecure=True)).copy(
-        ref(src, "secure/app:v2"), ref(dst, "secure/app:v2"))
+        ref(src, "secure/app:v2"), ref(dst, "secure/app:v2")
+    )
     assert_identical(src, "secure/app", dst, "secure/app", "v2")
 
 
@@ -184,6 +204,7 @@ def test_copy_by_digest_to_untagged_destination(make_registry):
     src, dst = make_registry(), make_registry()
     pushed = images.push_image(src, "a/b", "v1")
     ImageCopier(registries_for(src, dst)).copy(
-        ref(src, f"a/b@{pushed.digest}"), ref(dst, f"c/d@{pushed.digest}"))
+        ref(src, f"a/b@{pushed.digest}"), ref(dst, f"c/d@{pushed.digest}")
+    )
     assert images.manifest_digest(dst, "c/d", pushed.digest) == pushed.digest
     assert images.list_tags(dst, "c/d") == []

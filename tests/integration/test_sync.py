@@ -19,12 +19,20 @@ ARM64 = ("linux", "arm64", "v8")
 AMD64 = ("linux", "amd64", None)
 
 
-def run_cli(*args: str, tool: str = "syncer", cwd: Path | None = None,
-            env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, tool: str = "syncer", cwd: Path | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run a console script of this venv; return the completed process (text output)."""
     merged = {**os.environ, **(env or {})}
-    return subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, cwd=cwd,
-                          env=merged, timeout=120, check=False)
+    return subprocess.run(
+        [str(BIN / tool), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=merged,
+        timeout=120,
+        check=False,
+    )
 
 
 def guide_config(src, dst) -> dict:
@@ -49,8 +57,14 @@ def test_guide_command_verbatim_then_everything_skipped(make_registry, tmp_path)
     for tag in tags:
         images.push_index(src, "library/nginx", tag, seed=tag)
     (tmp_path / "harbor-to-acr.json").write_text(json.dumps(guide_config(src, dst), indent=4))
-    command = ["--proc=10", "--config=./harbor-to-acr.json", f"--registry={dst.host}",
-               "--namespace=image-syncer", "--retries=10", "--log=./log"]
+    command = [
+        "--proc=10",
+        "--config=./harbor-to-acr.json",
+        f"--registry={dst.host}",
+        "--namespace=image-syncer",
+        "--retries=10",
+        "--log=./log",
+    ]
 
     first = run_cli(*command, tool="image-syncer", cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -76,13 +90,13 @@ def test_every_rule_form(make_registry, tmp_path):
         images.push_image(src, f"team/{name}", "1", seed=name)
     images.push_image(src, "other/skip", "1", seed="other")
     rules = {
-        f"{src.host}/a/app": f"{dst.host}/all/app",                                  # all tags
-        f"{src.host}/a/app:v1.0,dev": f"{dst.host}/listed/app",                     # listed
-        f"{src.host}/a/app:v1.0,v1.1": f"{dst.host}/retag/app:one,two",            # retag
-        f"{src.host}/a/app:/^v1\\./": f"{dst.host}/regex/app",                       # regex
-        f"{src.host}/a/pinned@{pinned.digest}": f"{dst.host}/pinned/app",          # digest
+        f"{src.host}/a/app": f"{dst.host}/all/app",  # all tags
+        f"{src.host}/a/app:v1.0,dev": f"{dst.host}/listed/app",  # listed
+        f"{src.host}/a/app:v1.0,v1.1": f"{dst.host}/retag/app:one,two",  # retag
+        f"{src.host}/a/app:/^v1\\./": f"{dst.host}/regex/app",  # regex
+        f"{src.host}/a/pinned@{pinned.digest}": f"{dst.host}/pinned/app",  # digest
         f"{src.host}/a/app:v2.0": [f"{dst.host}/multi/app", f"{dst2.host}/multi/app"],
-        f"{src.host}/team/*": f"{dst.host}/mirror",                                  # namespace
+        f"{src.host}/team/*": f"{dst.host}/mirror",  # namespace
     }
     (tmp_path / "images.yaml").write_text(yaml.safe_dump(rules))
     result = run_cli("sync", "--images", str(tmp_path / "images.yaml"), "--proc", "4")
@@ -91,8 +105,12 @@ def test_every_rule_form(make_registry, tmp_path):
     assert sorted(images.list_tags(dst, "all/app")) == ["dev", "v1.0", "v1.1", "v2.0"]
     assert sorted(images.list_tags(dst, "listed/app")) == ["dev", "v1.0"]
     assert sorted(images.list_tags(dst, "regex/app")) == ["v1.0", "v1.1"]
-    assert images.manifest_digest(dst, "retag/app", "one") == images.manifest_digest(src, "a/app", "v1.0")
-    assert images.manifest_digest(dst, "retag/app", "two") == images.manifest_digest(src, "a/app", "v1.1")
+    assert images.manifest_digest(dst, "retag/app", "one") == images.manifest_digest(
+        src, "a/app", "v1.0"
+    )
+    assert images.manifest_digest(dst, "retag/app", "two") == images.manifest_digest(
+        src, "a/app", "v1.1"
+    )
     assert images.manifest_digest(dst, "pinned/app", pinned.digest) == pinned.digest
     assert same_digest(src, "a/app", dst, "multi/app", "v2.0")
     assert same_digest(src, "a/app", dst2, "multi/app", "v2.0")
@@ -121,10 +139,21 @@ def test_failures_do_not_stop_the_others(make_registry, tmp_path):
     (tmp_path / "images.json").write_text(json.dumps(rules))
     failed_file = tmp_path / "failed.yaml"
     ok_file = tmp_path / "ok.json"
-    result = run_cli("sync", "--auth", str(tmp_path / "auth.json"),
-                     "--images", str(tmp_path / "images.json"), "--retries", "1",
-                     "--output-failed-images", str(failed_file),
-                     "--output-success-images", str(ok_file), "--output-images-format", "yaml")
+    result = run_cli(
+        "sync",
+        "--auth",
+        str(tmp_path / "auth.json"),
+        "--images",
+        str(tmp_path / "images.json"),
+        "--retries",
+        "1",
+        "--output-failed-images",
+        str(failed_file),
+        "--output-success-images",
+        str(ok_file),
+        "--output-images-format",
+        "yaml",
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert same_digest(src, "good/app", dst, "ok/app", "1")
     assert same_digest(src, "good/app", dst, "ok/app", "2")
@@ -143,7 +172,9 @@ def test_failures_do_not_stop_the_others(make_registry, tmp_path):
 def test_platform_filter_and_dry_run(make_registry, tmp_path):
     src, dst = make_registry(), make_registry()
     pushed = images.push_index(src, "multi/app", "1", platforms=[AMD64, ARM64])
-    (tmp_path / "images.yaml").write_text(yaml.safe_dump({f"{src.host}/multi/app": f"{dst.host}/m/app"}))
+    (tmp_path / "images.yaml").write_text(
+        yaml.safe_dump({f"{src.host}/multi/app": f"{dst.host}/m/app"})
+    )
     dry = run_cli("sync", "--images", str(tmp_path / "images.yaml"), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert f"would-copy  {src.host}/multi/app:1 -> {dst.host}/m/app:1" in dry.stdout
@@ -163,7 +194,10 @@ def test_platform_filter_and_dry_run(make_registry, tmp_path):
 BAD_CONFIGS = {
     "bad-json": ("cfg.json", '{"auth": {}, "images": {'),
     "unknown-key": ("cfg.yaml", "auth: {}\nimages: {'REG/a/b': 'REG/c/d'}\nextra: 1\n"),
-    "bad-auth-type": ("cfg.yaml", "auth: {'REG': {'insecure': 'maybe'}}\nimages: {'REG/a/b': ''}\n"),
+    "bad-auth-type": (
+        "cfg.yaml",
+        "auth: {'REG': {'insecure': 'maybe'}}\nimages: {'REG/a/b': ''}\n",
+    ),
     "bad-regex": ("cfg.yaml", "images:\n  'REG/a/b:/[/': REG/c/d\n"),
     "bad-retag": ("cfg.yaml", "images:\n  'REG/a/b:v1,v2': 'REG/c/d:n1'\n"),
 }

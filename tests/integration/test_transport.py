@@ -39,7 +39,7 @@ def test_blob_redirect_to_storage_drops_credentials():
     seen_by_storage: list[str | None] = []
 
     class Storage(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             seen_by_storage.append(self.headers.get("Authorization"))
             self.send_response(200)
             self.send_header("Content-Length", str(len(BLOB)))
@@ -53,7 +53,7 @@ def test_blob_redirect_to_storage_drops_credentials():
         storage_url = f"http://localhost:{storage.server_address[1]}/bucket/blob?sig=x"
 
         class Registry(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 if self.headers.get("Authorization") is None:
                     self.send_response(401)
                     self.send_header("WWW-Authenticate", 'Basic realm="test"')
@@ -71,8 +71,9 @@ def test_blob_redirect_to_storage_drops_credentials():
 
         with serve(Registry) as registry:
             host = f"127.0.0.1:{registry.server_address[1]}"
-            store = CredentialStore([AuthEntry(host, Credentials("u", "registry-secret"))],
-                                    docker_config=False)
+            store = CredentialStore(
+                [AuthEntry(host, Credentials("u", "registry-secret"))], docker_config=False
+            )
             client = RegistryClient(host, store)
             response = client.open_blob("a/b", DIGEST)
             body = b"".join(response.raw.stream(65536, decode_content=False))
@@ -95,8 +96,11 @@ def test_rate_limit_is_transient_and_retry_after_is_honoured(make_registry, make
     proxy.reset()
     proxy.fail_next(2, status=503, path_contains="/manifests/")
     slept: list[float] = []
-    digest = call_with_retries(lambda: client.manifest_digest("a/b", "v1"),
-                               RetryPolicy(max_retries=3, jitter=False), sleep=slept.append)
+    digest = call_with_retries(
+        lambda: client.manifest_digest("a/b", "v1"),
+        RetryPolicy(max_retries=3, jitter=False),
+        sleep=slept.append,
+    )
     assert digest == images.manifest_digest(src, "a/b", "v1")
     assert slept == [1.0, 2.0]
     assert proxy.count("HEAD", "/manifests/", injected=True) == 2

@@ -10,21 +10,32 @@ from syncer.registry import Registries
 from tests.support.registry import RegistryProcess
 
 
-def auth_entry(reg: RegistryProcess, *, user: str | None = None, password: str | None = None,
-               ca: bool = True, insecure: bool = False) -> AuthEntry:
+def auth_entry(
+    reg: RegistryProcess,
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    ca: bool = True,
+    insecure: bool = False,
+) -> AuthEntry:
     """An auth entry for ``reg``: its admin credentials (or ``user``/``password``) and CA."""
     creds = Credentials()
     if reg.users:
         user = user or "admin"
         creds = Credentials(user, password if password is not None else reg.users[user])
-    return AuthEntry(reg.host, creds, insecure=insecure,
-                     ca_file=str(reg.ca_file) if (ca and reg.ca_file) else None)
+    return AuthEntry(
+        reg.host,
+        creds,
+        insecure=insecure,
+        ca_file=str(reg.ca_file) if (ca and reg.ca_file) else None,
+    )
 
 
 def registries_for(*regs: RegistryProcess, **overrides) -> Registries:
     """A :class:`Registries` pool that can talk to each of ``regs`` as its admin."""
-    return Registries(CredentialStore([auth_entry(r, **overrides) for r in regs],
-                                      docker_config=False))
+    return Registries(
+        CredentialStore([auth_entry(r, **overrides) for r in regs], docker_config=False)
+    )
 
 
 def write_auth_file(path: Path, *regs: RegistryProcess, **overrides) -> Path:

@@ -7,18 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from syncer.config import (
-    ALL_TAGS,
-    Destination,
-    Rule,
-    TagSelector,
-    load_auth_file,
-    load_config,
-    parse_rule,
-)
+from syncer.config import load_auth_file, load_config, parse_rule
 from syncer.credentials import AuthEntry, Credentials
 from syncer.errors import ConfigError
 from syncer.reference import Repository
+from syncer.rules import ALL_TAGS, Destination, Rule, TagSelector
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DIGEST = "sha256:" + "ab" * 32

@@ -93,7 +93,13 @@ class RunSummary:
             **{name: getattr(self, name) for name in COUNTERS},
             "duration_seconds": round(self.duration, 3),
             "failures": [
-                {"source": r.source, "destination": r.destination, "reason": r.reason}
+                {
+                    "source": r.source,
+                    "destination": r.destination,
+                    "reason": r.reason,
+                    "attempts": r.attempts,
+                    "worker": r.worker,
+                }
                 for r in self.failures
             ],
             "succeeded": [
@@ -102,6 +108,8 @@ class RunSummary:
                     "destination": r.destination,
                     "digest": r.digest,
                     "state": r.state,
+                    "attempts": r.attempts,
+                    "worker": r.worker,
                 }
                 for r in self.succeeded
             ],

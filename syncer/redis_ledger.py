@@ -48,12 +48,15 @@ end
 return 1
 """
 
-# Only move a job to running/retrying while it is not final (a late duplicate stays quiet).
+# Only move a job to running/retrying while it is not final: a late duplicate stays quiet
+# (and does not take the job's worker over). KEYS: final, state, reason, attempts, worker
+# ARGV: job id, state, reason, worker
 _TRANSIENT_STATE = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[3]) end
 if ARGV[2] == 'running' then redis.call('HINCRBY', KEYS[4], ARGV[1], 1) end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[5], ARGV[1], ARGV[4]) end
 return 1
 """
 
@@ -128,19 +131,14 @@ class RedisLedger:
 
     def mark_running(self, job_id: str, worker: str = "") -> None:
         """An attempt started (on node ``worker``)."""
-        self._transient(
-            keys=[self.key("final"), self.key("state"), self.key("reason"), self.key("attempts")],
-            args=[job_id, "running", ""],
-        )
-        if worker:
-            self.redis.hset(self.key("worker"), job_id, worker)
+        self._transient(keys=self._transient_keys(), args=[job_id, "running", "", worker])
 
     def mark_retrying(self, job_id: str, reason: str) -> None:
         """A transient failure; another attempt is scheduled."""
-        self._transient(
-            keys=[self.key("final"), self.key("state"), self.key("reason"), self.key("attempts")],
-            args=[job_id, "retrying", reason],
-        )
+        self._transient(keys=self._transient_keys(), args=[job_id, "retrying", reason, ""])
+
+    def _transient_keys(self) -> list[str]:
+        return [self.key(n) for n in ("final", "state", "reason", "attempts", "worker")]
 
     def _final(self, job_id: str, state: str, reason: str, digest: str, counts: dict) -> bool:
         args: list = [job_id, state, reason, digest, time.time()]

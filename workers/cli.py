@@ -71,13 +71,26 @@ def plan(config, wait, as_json, **options) -> None:
     prepared.registries.close()
     if not wait:
         if as_json:
-            print_json({"run_id": run_id, "jobs": len(prepared.plan.jobs),
-                        "failures": [f.to_dict() for f in prepared.plan.failures]})
+            print_json(
+                {
+                    "run_id": run_id,
+                    "jobs": len(prepared.plan.jobs),
+                    "failures": [f.to_dict() for f in prepared.plan.failures],
+                }
+            )
         else:
             click.echo(run_id)
         return
     click.echo(f"run {run_id}: {len(prepared.plan.jobs)} images enqueued", err=True)
-    summary = wait_for(ledger, show_progress=sys.stderr.isatty() and not as_json)
+    try:
+        summary = wait_for(ledger, show_progress=sys.stderr.isatty() and not as_json)
+    except RunNotFound:
+        click.echo(
+            f"error: run {run_id} vanished from Redis while waiting (was Redis restarted "
+            "without persistence? run it with --appendonly yes)",
+            err=True,
+        )
+        sys.exit(1)
     if as_json:
         print_json(summary.to_dict())
         sys.exit(exit_code(summary))

@@ -36,7 +36,14 @@ def build_settings() -> dict:
     )
     return {
         "broker_url": broker_url(),
-        "broker_transport_options": {"visibility_timeout": visibility},
+        "broker_transport_options": {
+            "visibility_timeout": visibility,
+            # kombu's event loop looks for expired unacked messages only every
+            # interval x throttle seconds (10 x 10 by default): with a short visibility
+            # timeout a killed worker's task would still wait ~100 s to be redelivered.
+            "unacked_restore_interval": max(1, min(10, visibility // 10)),
+            "unacked_restore_throttle": 1,
+        },
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # keep reconnecting while Redis restarts
         # Only JSON: a pickle from the broker would be code execution.

@@ -24,7 +24,7 @@ import redis
 
 from syncer.ledger import JobRecord
 from syncer.redis_ledger import RedisLedger
-from tests.support import TEST_PASSWORDS, images
+from tests.support import BASIC_USERS, TEST_PASSWORDS, TOKEN_USERS, images
 from tests.support.celery_workers import FlowerProcess, WorkerPool, run_syncer
 from tests.support.clients import write_auth_file
 from tests.support.ports import wait_until
@@ -132,6 +132,14 @@ def status(env, run_id: str, *, watch: bool = False, timeout: float = 120) -> di
     return result
 
 
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped does not count)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def assert_all_at_destination(src, dst, tags) -> dict[str, str]:
     """Every tag digest-identical on both sides, all blobs present; tag -> digest."""
     digests = {}
@@ -157,9 +165,10 @@ def assert_counted_once(summary: dict, total: int, blobs_per_image: int) -> None
     assert handled == blobs_per_image * summary["synced"]
 
 
-def redis_values(client: redis.Redis) -> Iterator[tuple[bytes, bytes]]:
-    """``(key, text)`` for every key of the database, every type, including what kombu keeps
-    base64-encoded (the task message bodies in queues and in the unacked hash)."""
+def redis_values(client: redis.Redis) -> Iterator[tuple[bytes, bytes, bool]]:
+    """``(key, text, decoded)`` for every key of the database and every value of every type;
+    what kombu keeps base64-encoded (task message bodies, in the queue lists and in the
+    ``unacked`` hash) is also yielded decoded, with ``decoded=True``."""
     for key in client.scan_iter(count=500):
         kind = client.type(key).decode()
         if kind == "string":
@@ -172,20 +181,19 @@ def redis_values(client: redis.Redis) -> Iterator[tuple[bytes, bytes]]:
             values = list(client.smembers(key))
         elif kind == "zset":
             values = [member for member, _ in client.zrange(key, 0, -1, withscores=True)]
-        elif kind == "stream":
-            values = [json.dumps([[i.decode(), {k.decode(): v.decode() for k, v in f.items()}]
-                                  for i, f in client.xrange(key)]).encode()]
         else:
             pytest.fail(f"unexpected Redis type {kind} for {key!r}")
-        yield key, key
+        yield key, key, False
         for value in values:
             if value is None:
                 continue
-            yield key, value
-            yield from ((key, decoded) for decoded in _kombu_bodies(value))
+            yield key, value, False
+            for body in _kombu_bodies(value):
+                yield key, body, True
 
 
 def _kombu_bodies(raw: bytes) -> Iterator[bytes]:
+    """Base64 message bodies anywhere in a JSON value (a message, or ``[message, ...]``)."""
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -200,6 +208,17 @@ def _kombu_bodies(raw: bytes) -> Iterator[bytes]:
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
+
+
+def scan_redis_for_passwords(client: redis.Redis, when: str) -> dict[bytes, list[bytes]]:
+    """Assert no test password in any key or value; returns the decoded message bodies per key
+    (so a caller can check the scan really looked inside the task messages)."""
+    bodies: dict[bytes, list[bytes]] = {}
+    for key, value, decoded in redis_values(client):
+        assert_no_password(f"Redis key {key!r} ({when})", value)
+        if decoded:
+            bodies.setdefault(key, []).append(value)
+    return bodies
 
 
 def assert_no_password(where: str, text: str | bytes) -> None:
@@ -219,7 +238,8 @@ def test_two_workers_share_a_run_and_status_agrees(make_registry, redis_server, 
     shared = images.make_layer(30_000, seed="shared-base")
     pushed = push_tags(src, 22, shared=shared)
     auth = write_auth_file(tmp_path / "auth.json", src, dst)
-    rules = write_json(tmp_path / "images.json", {f"{src.host}/{SRC_REPO}": f"{dst.host}/{DST_REPO}"})
+    rules = write_json(tmp_path / "images.json",
+                       {f"{src.host}/{SRC_REPO}": f"{dst.host}/{DST_REPO}"})
     pool = cluster(redis_server)
     w1, w2 = pool.start_many(["w1", "w2"], auth)
 
@@ -276,6 +296,7 @@ def test_sigkilled_worker_mid_copy_is_redelivered_and_counted_once(
     pool = cluster(redis_server, visibility_timeout=visibility)
     workers = pool.start_many(["w1", "w2"], auth)
 
+    planned_at = time.monotonic()
     run_id = plan(pool.env, auth, rules)["run_id"]
     ledger = ledger_of(redis_server, run_id)
 
@@ -294,18 +315,16 @@ def test_sigkilled_worker_mid_copy_is_redelivered_and_counted_once(
     assert len(children) == 2, "the prefork pool of the victim"
 
     killed = victim.kill()
-    killed_at = time.monotonic()
     assert {victim.pid, *children} <= killed
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-                   for pid in killed)
+    assert not [pid for pid in killed if alive(pid)]
 
     shown = status(pool.env, run_id, watch=True, timeout=90)
-    finished_after = time.monotonic() - killed_at
     assert shown["_exit"] == 0, shown["_output"] + pool.report()
     assert_counted_once(shown, 12, blobs_per_image=2)
     assert shown["synced"] == 12  # nothing was at the destination before
-    # The unacknowledged message came back only after the visibility timeout.
-    assert finished_after >= visibility - 2
+    # The victim's message was delivered after planning began and came back only once the
+    # visibility timeout had passed since that delivery.
+    assert time.monotonic() - planned_at >= visibility
 
     records = records_by_tag(ledger)
     victim_record = records[victim_tag]
@@ -400,7 +419,8 @@ def test_flower_lists_the_runs_tasks_without_secrets(make_registry, redis_server
     src, dst = make_registry(auth="htpasswd"), make_registry()
     pushed = push_tags(src, 4)
     auth = write_auth_file(tmp_path / "auth.json", src, dst)
-    rules = write_json(tmp_path / "images.json", {f"{src.host}/{SRC_REPO}": f"{dst.host}/{DST_REPO}"})
+    rules = write_json(tmp_path / "images.json",
+                       {f"{src.host}/{SRC_REPO}": f"{dst.host}/{DST_REPO}"})
     pool = cluster(redis_server)
     flower = FlowerProcess(pool.env, pool.directory / "flower.log",
                            basic_auth=("watcher", "flower-pass-9"))
@@ -449,42 +469,55 @@ def test_flower_lists_the_runs_tasks_without_secrets(make_registry, redis_server
 
 
 @pytest.mark.timeout(120)
-def test_no_password_reaches_redis_logs_or_output(make_registry, redis_server, cluster, tmp_path):
+def test_no_password_reaches_redis_logs_or_output(make_registry, make_proxy, redis_server,
+                                                  cluster, tmp_path):
     src, dst = make_registry(auth="htpasswd"), make_registry(auth="token")
     pushed = push_tags(src, 3)
-    auth = write_auth_file(tmp_path / "auth.json", src, dst)
-    assert all(secret in auth.read_text() for secret in
-               (src.users["admin"], dst.users["admin"]))
+    # The source is reached through a proxy that holds one copy back, so Redis can be read
+    # while a task message sits in kombu's ``unacked`` hash.
+    proxy = make_proxy(src)
+    slow = "t01"
+    proxy.delay_next(1, 3.0, f"/manifests/{pushed[slow].digest}", method="GET")
+    auth = write_json(tmp_path / "auth.json", {
+        proxy.host: {"username": "admin", "password": BASIC_USERS["admin"]},
+        dst.host: {"username": "admin", "password": TOKEN_USERS["admin"]},
+    })
     rules = write_json(tmp_path / "images.json", {
-        f"{src.host}/{SRC_REPO}": f"{dst.host}/{DST_REPO}",
-        f"{src.host}/{SRC_REPO}:nope": f"{dst.host}/{DST_REPO}",  # a failure path too
+        f"{proxy.host}/{SRC_REPO}": f"{dst.host}/{DST_REPO}",
+        f"{proxy.host}/{SRC_REPO}:nope": f"{dst.host}/{DST_REPO}",  # a failure path too
     })
     pool = cluster(redis_server)
     client = redis.Redis.from_url(str(redis_server))
 
-    # Plan with no worker running: the task messages wait in the queue, where we read them.
+    # 1. Planned with no worker running: the four task messages wait in the queue.
     planned = plan(pool.env, auth, rules)
     assert planned["jobs"] == 4
     assert_no_password("plan output", planned["_output"])
-    queued = client.llen("syncer")
-    assert queued == 4, "the four task messages are queued"
-    for key, value in redis_values(client):
-        assert_no_password(f"Redis key {key!r} (queued)", value)
+    assert client.llen("syncer") == 4
+    bodies = scan_redis_for_passwords(client, "queued")
+    assert len(bodies.get(b"syncer", [])) == 4  # every queued body was decoded and checked
+    assert all(f"{proxy.host}/{SRC_REPO}:".encode() in body for body in bodies[b"syncer"])
 
+    # 2. Mid-run: the slow job's message is delivered but not acknowledged yet.
     pool.start_many(["w1", "w2"], auth)
+    ledger = ledger_of(redis_server, planned["run_id"])
+    wait_until(lambda: records_by_tag(ledger)[slow].state == "running", 30, "the slow job")
+    bodies = scan_redis_for_passwords(client, "mid-run")
+    unacked = b"".join(bodies.get(b"unacked", []))
+    assert f"{proxy.host}/{SRC_REPO}:{slow}".encode() in unacked
+
+    # 3. Finished.
     shown = status(pool.env, planned["run_id"], watch=True, timeout=90)
     assert shown["_exit"] == 1, shown["_output"] + pool.report()  # the 'nope' image failed
     assert (shown["synced"], shown["failed"]) == (3, 1)
-    assert_all_at_destination(src, dst, pushed)
     assert_no_password("status output", shown["_output"])
-
-    kinds = set()
-    for key, value in redis_values(client):
-        kinds.add(client.type(key).decode())
-        assert_no_password(f"Redis key {key!r}", value)
+    for tag, image in pushed.items():
+        assert images.manifest_digest(dst, DST_REPO, tag) == image.digest
+    scan_redis_for_passwords(client, "finished")
+    kinds = {client.type(key).decode() for key in client.scan_iter()}
     assert {"hash", "set", "zset"} <= kinds  # the ledger, blob holders, the runs index
-    keyspace = client.info("keyspace")
-    assert set(keyspace) == {"db0"}, keyspace  # nothing hidden in another database
+    assert set(client.info("keyspace")) == {"db0"}  # nothing hidden in another database
+
     pool.stop_all()  # flush and close the logs before reading them whole
     logs = pool.logs()
     assert "synced" in logs and "failed" in logs

@@ -23,8 +23,7 @@ import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,7 +38,7 @@ SYNCER = str(Path(sys.executable).with_name("syncer"))
 #: Module written next to the logs and named in SYNCER_CELERY_CONFIG.
 OVERRIDES_MODULE = "syncer_test_celery_overrides"
 
-_OVERRIDES_SOURCE = '''"""Test overrides of workers/settings.py (written by tests/support/celery_workers.py)."""
+_OVERRIDES_SOURCE = '''"""Overrides of workers/settings.py, from tests/support/celery_workers.py."""
 from workers.settings import build_settings
 
 broker_transport_options = {
@@ -168,8 +167,9 @@ class GroupProcess:
                 found.append(match)
                 return True
             if not self.running:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode if self.proc else '?'})"
-                                   f" before {what or pattern!r}:\n{log_tail(self.log_path)}")
+                code = self.proc.returncode if self.proc else "?"
+                raise RuntimeError(f"{self.name} exited ({code}) before {what or pattern!r}:\n"
+                                   f"{log_tail(self.log_path)}")
             return False
 
         try:
@@ -348,37 +348,3 @@ def run_syncer(env: Mapping[str, str], *args: str, timeout: float = 120,
     """Run ``syncer ARGS`` to completion (text output captured)."""
     return subprocess.run([SYNCER, *args], env=dict(env), capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, check=False)
-
-
-class BackgroundCommand(GroupProcess):
-    """A ``syncer`` command left running (e.g. ``plan --wait``), output to a log file."""
-
-    def __init__(self, env: Mapping[str, str], log_path: Path, *args: str):
-        super().__init__(args[0] if args else "syncer", [SYNCER, *args], env, log_path)
-
-    def wait(self, timeout: float) -> int:
-        """Wait for the exit code."""
-        assert self.proc is not None
-        code = self.proc.wait(timeout=timeout)
-        self._close_log()
-        return code
-
-
-@contextlib.contextmanager
-def stopping(*processes: GroupProcess) -> Iterator[None]:
-    """Stop ``processes`` when the block ends, also on failure."""
-    try:
-        yield
-    finally:
-        for process in processes:
-            process.stop(grace=5.0)
-
-
-def wait_port_free(port: int, timeout: float = 10.0) -> None:
-    """Block until nothing listens on ``port``."""
-    wait_until(lambda: not port_is_open(port), timeout, f"port {port} to close")
-
-
-def elapsed_since(start: float) -> float:
-    """Seconds since ``start`` (a ``time.monotonic()`` value)."""
-    return time.monotonic() - start

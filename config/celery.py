@@ -14,6 +14,9 @@ globals().update(_defaults)  # start from the tuned defaults
 task_time_limit = int(os.environ.get("SYNCER_TASK_TIME_LIMIT", "3600"))
 task_soft_time_limit = task_time_limit - 60
 # Must exceed task_time_limit + the longest retry countdown (300 s) — see settings.py.
-broker_transport_options = {"visibility_timeout": task_time_limit + 900}
+broker_transport_options = {
+    **_defaults["broker_transport_options"],  # keeps kombu's unacked-restore cadence
+    "visibility_timeout": task_time_limit + 900,
+}
 # For rediss:// brokers, certificate checks are set in the URL, e.g.
 # rediss://:PASSWORD@redis:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/ssl/ca.pem

@@ -28,7 +28,8 @@ from pathlib import Path
 import yaml
 
 from tests.support import images
-from tests.support.registry import RegistryProcess
+from tests.support.celery_workers import WorkerProcess, group_members, syncer_env
+from tests.support.registry import RedisServer, RegistryProcess
 
 IMAGES = int(os.environ.get("BENCH_IMAGES", "24"))
 BIG_BLOB_MB = int(os.environ.get("BENCH_BIG_MB", "600"))
@@ -146,6 +147,37 @@ def skopeo_sync(src: RegistryProcess, dst: RegistryProcess, namespace: str) -> l
     ]
 
 
+def measure_pool(src: RegistryProcess, dst: RegistryProcess, tmp: Path, pool: str) -> Measure:
+    """``syncer plan --wait`` on one worker of ``pool`` (4 at once): wall time of the whole
+    run (planning included) and the peak summed RSS of the worker's processes."""
+    redis_dir = tmp / f"redis-{pool}"
+    with RedisServer(redis_dir) as redis_server:
+        env = syncer_env(redis_server.url, tmp / f"env-{pool}")
+        images_file = OUT / f"pool-{pool}.yaml"
+        images_file.write_text(yaml.safe_dump({f"{src.host}/bench/app": f"{dst.host}/{pool}/app"}))
+        worker = WorkerProcess(
+            f"bench-{pool}", None, env, tmp / f"worker-{pool}.log", concurrency=4, pool=pool
+        )
+        peak = 0.0
+        try:
+            worker.start()
+            started = time.monotonic()
+            plan = subprocess.Popen(
+                [*syncer_bin(), "plan", f"--images={images_file}", "--wait", "--json"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            while plan.poll() is None:
+                rss = sum(p.memory_info().rss for p in group_members(worker.pgid))
+                peak = max(peak, rss / 1024 / 1024)
+                time.sleep(0.05)
+            elapsed = time.monotonic() - started
+        finally:
+            worker.stop()
+    return Measure(elapsed, peak, plan.returncode)
+
+
 def main() -> int:
     """Run every scenario and print the table."""
     if not shutil.which("skopeo") or not os.path.exists(GNU_TIME):
@@ -166,6 +198,10 @@ def main() -> int:
             rows.append(("full sync", measure(ours), measure(theirs)))
             print("incremental sync…", flush=True)
             rows.append(("incremental (all present)", measure(ours), measure(theirs)))
+            print("distributed: one worker, prefork vs threads (4 at once)…", flush=True)
+            pools = {
+                pool: measure_pool(src, dst, Path(tmp), pool) for pool in ("prefork", "threads")
+            }
 
             print(f"big blob ({BIG_BLOB_MB} MB) vs small (6 MB)…", flush=True)
             push_big(src, "big/large", BIG_BLOB_MB * 1024 * 1024)
@@ -212,6 +248,13 @@ def main() -> int:
             lines.append(
                 f"| {name} | {mine.seconds:.2f} | - | - | {mine.peak_rss_mb:.1f} | - | - |"
             )
+    lines.append("")
+    lines.append(
+        "| worker pool (plan --wait, 1 worker x 4) | seconds | worker RSS MB (all processes) |"
+    )
+    lines.append("|---|---|---|")
+    for pool, result in pools.items():
+        lines.append(f"| {pool} | {result.seconds:.2f} | {result.peak_rss_mb:.1f} |")
     growth = large.peak_rss_mb - small.peak_rss_mb
     verdict = large.peak_rss_mb < 100 and growth <= 10
     lines.append("")
@@ -223,7 +266,11 @@ def main() -> int:
     report = "\n".join(lines)
     print("\n" + report)
     (OUT / "report.md").write_text(report + "\n")
-    failed = any(m.exit_code for _, m, o in rows) or not verdict
+    failed = (
+        any(m.exit_code for _, m, o in rows)
+        or not verdict
+        or any(m.exit_code for m in pools.values())
+    )
     return 1 if failed else 0
 
 

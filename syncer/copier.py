@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -21,7 +22,13 @@ import requests
 import urllib3
 
 from syncer.dedupe import BlobCoordinator, LocalBlobCoordinator
-from syncer.errors import IntegrityError, NotFoundError, RegistryError, TransportError
+from syncer.errors import (
+    IntegrityError,
+    NotFoundError,
+    RegistryError,
+    TimeLimitExceeded,
+    TransportError,
+)
 from syncer.mediatypes import INDEXES, Platform, PlatformFilter
 from syncer.reference import Reference
 from syncer.registry import STREAM_CHUNK, Manifest, Registries, RegistryClient, sha256_digest
@@ -86,12 +93,19 @@ def filter_index(index: Manifest, platforms: PlatformFilter) -> Manifest:
 
 
 class _Tally:
-    """Thread-safe counters for one copy."""
+    """Thread-safe counters for one copy, and its deadline (a ``time.monotonic()`` value)."""
 
-    def __init__(self, result: CopyResult, on_bytes: Callable[[int], None] | None):
+    def __init__(self, result: CopyResult, on_bytes: Callable[[int], None] | None,
+                 deadline: float | None = None):
         self.result = result
         self._lock = threading.Lock()
         self._on_bytes = on_bytes
+        self._deadline = deadline
+
+    def check_deadline(self) -> None:
+        """Raise :class:`TimeLimitExceeded` once the deadline has passed."""
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise TimeLimitExceeded(f"time limit exceeded while copying {self.result.source}")
 
     def add(self, **counts: int) -> None:
         with self._lock:
@@ -99,6 +113,7 @@ class _Tally:
                 setattr(self.result, name, getattr(self.result, name) + value)
 
     def bytes_moved(self, count: int) -> None:
+        self.check_deadline()
         if self._on_bytes is not None:
             self._on_bytes(count)
 
@@ -125,13 +140,18 @@ class ImageCopier:
         platforms: PlatformFilter | None = None,
         force: bool = False,
         on_bytes: Callable[[int], None] | None = None,
+        deadline: float | None = None,
     ) -> CopyResult:
-        """Copy ``source`` to ``destination``; skip when the destination already matches."""
+        """Copy ``source`` to ``destination``; skip when the destination already matches.
+
+        ``deadline`` (a ``time.monotonic()`` value) bounds the whole copy: past it the copy
+        stops between chunks with :class:`~syncer.errors.TimeLimitExceeded`.
+        """
         platforms = platforms or PlatformFilter()
         src = self.registries.client(source.registry)
         dst = self.registries.client(destination.registry)
         result = CopyResult(str(source), str(destination))
-        tally = _Tally(result, on_bytes)
+        tally = _Tally(result, on_bytes, deadline)
 
         if platforms.is_empty:
             # Cheap path: a HEAD per side decides "already there" without any GET.
@@ -195,6 +215,7 @@ class ImageCopier:
     ) -> None:
         digest, size = descriptor["digest"], int(descriptor.get("size", -1))
         registry = dst.registry
+        tally.check_deadline()
         if dst.blob_exists(dst_repo, digest):
             tally.add(blobs_existing=1)
             self.coordinator.record(registry, dst_repo, digest)

@@ -5,6 +5,7 @@
     SyncerError                      base of everything raised on purpose
     ├── ConfigError                  a config/auth/images file or a flag is wrong (exit code 2)
     ├── ReferenceError_              an image reference cannot be parsed
+    ├── TimeLimitExceeded            one image took longer than its time limit          (permanent)
     └── RegistryError                a registry said no, or could not be reached
         ├── TransportError           connection refused/reset, timeout, TLS failure     (transient*)
         ├── AuthenticationError      401/403 after credentials were offered             (permanent)
@@ -43,6 +44,14 @@ class ConfigError(SyncerError):
 
 class ReferenceError_(SyncerError, ValueError):
     """An image reference that is not valid (bad host, repository, tag or digest)."""
+
+
+class TimeLimitExceeded(SyncerError):
+    """A copy ran past its deadline (``SYNCER_TASK_TIME_LIMIT`` in the distributed mode).
+
+    Enforced by the copier itself, between chunks, so it holds on any Celery pool (the
+    threads pool ignores Celery's own time limits) and leaves no half-open upload behind.
+    """
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,16 @@ from syncer.reference import parse_reference
 
 
 def attempt_job(
-    copier: ImageCopier, job: Job, on_bytes: Callable[[int], None] | None = None
+    copier: ImageCopier,
+    job: Job,
+    on_bytes: Callable[[int], None] | None = None,
+    deadline: float | None = None,
 ) -> CopyResult:
-    """Copy ``job.source`` to ``job.destination`` once."""
+    """Copy ``job.source`` to ``job.destination`` once (by ``deadline``, if given)."""
     source = parse_reference(job.source)
     destination = parse_reference(job.destination)
-    return copier.copy(
-        source, destination, platforms=job.platforms, force=job.force, on_bytes=on_bytes
-    )
+    return copier.copy(source, destination, platforms=job.platforms, force=job.force,
+                       on_bytes=on_bytes, deadline=deadline)
 
 
 def describe_error(exc: BaseException) -> str:

@@ -145,9 +145,10 @@ def status(run_id, as_json, watch) -> None:
 @click.option(
     "--pool",
     type=click.Choice(["prefork", "threads"]),
-    default="prefork",
+    default="threads",
     show_default=True,
-    help="Celery pool (prefork: isolation and time limits).",
+    help="threads: one process, as fast as prefork for streaming copies at a quarter of the "
+    "memory (make bench); prefork: a process per slot, for isolation.",
 )
 @click.option("--auth", "auth_file", type=click.Path(dir_okay=False), help="This host's auth file.")
 @click.option(

@@ -53,8 +53,10 @@ def sync_image(self, run_id: str, job: dict, retries: int = 2) -> dict:
     ledger = context.ledger(run_id)
     parsed = Job.from_dict(job)
     durable(ledger.mark_running, parsed.id, self.request.hostname or "")
+    # The copier enforces the limit itself: the threads pool ignores Celery's time limits.
+    deadline = time.monotonic() + float(app.conf.task_soft_time_limit or 3600)
     try:
-        result = attempt_job(context.copier, parsed)
+        result = attempt_job(context.copier, parsed, deadline=deadline)
     except SoftTimeLimitExceeded:
         reason = "time limit exceeded"
         durable(ledger.mark_failed, parsed.id, reason)

@@ -208,3 +208,19 @@ def test_copy_by_digest_to_untagged_destination(make_registry):
     )
     assert images.manifest_digest(dst, "c/d", pushed.digest) == pushed.digest
     assert images.list_tags(dst, "c/d") == []
+
+
+def test_deadline_stops_a_slow_copy(make_registry, make_proxy):
+    """The copier enforces its own time limit (Celery's threads pool does not)."""
+    from syncer.errors import TimeLimitExceeded, is_transient
+
+    src, dst = make_registry(), make_registry()
+    images.push_image(src, "slow/app", "v1", layers=[images.make_layer(50_000, seed="slow")])
+    proxy = make_proxy(src)
+    proxy.delay_next(5, 1.5, "/blobs/", method="GET")
+    copier = ImageCopier(registries_for(src, dst))
+    with pytest.raises(TimeLimitExceeded) as caught:
+        copier.copy(parse_reference(f"{proxy.host}/slow/app:v1"), ref(dst, "slow/app:v1"),
+                    deadline=time.monotonic() + 1.0)
+    assert not is_transient(caught.value)
+    assert images.manifest_digest(dst, "slow/app", "v1") is None  # nothing tagged

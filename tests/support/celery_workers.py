@@ -223,9 +223,10 @@ class WorkerProcess(GroupProcess):
     """``syncer worker --auth FILE -c N -n NAME@%h --loglevel INFO``."""
 
     def __init__(self, name: str, auth_file: Path | None, env: Mapping[str, str], log_path: Path,
-                 *, concurrency: int = 2, pool: str = "prefork"):
-        argv = [SYNCER, "worker", "-c", str(concurrency), "--pool", pool,
-                "-n", f"{name}@%h", "--loglevel", "INFO"]
+                 *, concurrency: int = 2, pool: str | None = None):
+        argv = [SYNCER, "worker", "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel", "INFO"]
+        if pool:  # None: the CLI's default pool
+            argv += ["--pool", pool]
         if auth_file is not None:
             argv[2:2] = ["--auth", str(auth_file)]
         super().__init__(name, argv, env, log_path)
@@ -260,10 +261,12 @@ class WorkerPool:
         self.env = syncer_env(self.broker_url, self.directory, **env_options)
 
     def start(self, name: str, auth_file: Path | None, *, concurrency: int = 2,
-              wait: bool = True, extra_env: Mapping[str, str] | None = None) -> WorkerProcess:
+              pool: str | None = None, wait: bool = True,
+              extra_env: Mapping[str, str] | None = None) -> WorkerProcess:
         """Start worker ``name`` (node ``name@%h``); its log is ``<directory>/<name>.log``."""
         worker = WorkerProcess(name, auth_file, {**self.env, **(extra_env or {})},
-                               self.directory / f"{name}.log", concurrency=concurrency)
+                               self.directory / f"{name}.log", concurrency=concurrency,
+                               pool=pool)
         self.workers.append(worker)
         return worker.start(wait=wait)
 

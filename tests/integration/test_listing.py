@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import http.server
 import json
-import threading
 from urllib.parse import parse_qs, urlparse
 
 from syncer.credentials import AuthEntry, Credentials, CredentialStore
@@ -14,6 +13,7 @@ from syncer.reference import Repository
 from syncer.registry import Registries
 from tests.support import images
 from tests.support.clients import registries_for
+from tests.support.httpserver import BackgroundServer
 
 
 def test_catalog_and_tags_follow_pagination(make_registry, monkeypatch):
@@ -74,15 +74,10 @@ class FakeHarbor(http.server.BaseHTTPRequestHandler):
 
 
 def test_harbor_project_listing_when_catalog_is_refused():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHarbor)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        host = f"127.0.0.1:{server.server_address[1]}"
+    with BackgroundServer(FakeHarbor) as server:
         store = CredentialStore(
-            [AuthEntry(f"{host}/team", Credentials("robot", "harbor-pass"))], docker_config=False
+            [AuthEntry(f"{server.host}/team", Credentials("robot", "harbor-pass"))],
+            docker_config=False,
         )
-        listed = RegistryLister(Registries(store)).list_repositories(host, "team")
-    finally:
-        server.shutdown()
-        server.server_close()
+        listed = RegistryLister(Registries(store)).list_repositories(server.host, "team")
     assert listed == sorted(r["name"] for r in HARBOR_REPOS)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
@@ -16,21 +13,10 @@ from syncer.registry import RegistryClient
 from syncer.retry import RetryPolicy, call_with_retries
 from tests.support import images
 from tests.support.clients import registries_for
+from tests.support.httpserver import BackgroundServer
 
 BLOB = b"layer bytes served by object storage" * 1000
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
-
-
-@contextmanager
-def serve(handler_cls) -> Iterator[http.server.ThreadingHTTPServer]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_blob_redirect_to_storage_drops_credentials():
@@ -49,8 +35,8 @@ def test_blob_redirect_to_storage_drops_credentials():
         def log_message(self, *args):
             pass
 
-    with serve(Storage) as storage:
-        storage_url = f"http://localhost:{storage.server_address[1]}/bucket/blob?sig=x"
+    with BackgroundServer(Storage) as storage:
+        storage_url = f"http://localhost:{storage.port}/bucket/blob?sig=x"
 
         class Registry(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
@@ -69,8 +55,8 @@ def test_blob_redirect_to_storage_drops_credentials():
             def log_message(self, *args):
                 pass
 
-        with serve(Registry) as registry:
-            host = f"127.0.0.1:{registry.server_address[1]}"
+        with BackgroundServer(Registry) as registry:
+            host = registry.host
             store = CredentialStore(
                 [AuthEntry(host, Credentials("u", "registry-secret"))], docker_config=False
             )

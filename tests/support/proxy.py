@@ -25,10 +25,11 @@ import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Literal
 
+from .httpserver import BackgroundServer
 from .ports import LOOPBACK
 from .registry import Credentials, RegistryProcess, RegistrySession
 
@@ -140,8 +141,7 @@ class CountingProxy:
         self._records: list[ProxyRecord] = []
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._background: BackgroundServer | None = None
         self._admin: RegistrySession | None = None
 
     # -- addresses / sessions ----------------------------------------------------
@@ -178,27 +178,15 @@ class CountingProxy:
     def start(self) -> CountingProxy:
         """Start serving in a daemon thread."""
         handler = type("_BoundProxyHandler", (_ProxyHandler,), {"proxy": self})
-        self._server = ThreadingHTTPServer((LOOPBACK, 0), handler)
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"counting-proxy-{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
+        self._background = BackgroundServer(handler, "counting-proxy").start()
+        self.port = self._background.port
         return self
 
     def stop(self) -> None:
         """Stop serving (idempotent)."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        if self._background is not None:
+            self._background.stop()
+            self._background = None
         if self._admin is not None:
             self._admin.close()
             self._admin = None

@@ -23,12 +23,13 @@ import time
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Literal
 
 import jwt
 
+from .httpserver import BackgroundServer
 from .ports import LOOPBACK
 from .tls import SigningMaterial, make_token_signing_material
 
@@ -137,8 +138,7 @@ class TokenServer:
         self._refresh_tokens: dict[str, str] = {}
         self._failures: list[_Failure] = []
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._background: BackgroundServer | None = None
         self.port = 0
 
     # -- lifecycle -----------------------------------------------------------------
@@ -146,27 +146,15 @@ class TokenServer:
     def start(self) -> TokenServer:
         """Bind to a free loopback port and serve in a daemon thread."""
         handler = type("_BoundTokenHandler", (_TokenHandler,), {"token_server": self})
-        self._server = ThreadingHTTPServer((LOOPBACK, 0), handler)
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"token-server-{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
+        self._background = BackgroundServer(handler, "token-server").start()
+        self.port = self._background.port
         return self
 
     def stop(self) -> None:
         """Stop serving and close the socket (idempotent)."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        if self._background is not None:
+            self._background.stop()
+            self._background = None
 
     def __enter__(self) -> TokenServer:
         return self.start()

@@ -184,6 +184,13 @@ class ImageCopier:
         doc = json.loads(manifest.body)
         if manifest.media_type in INDEXES:
             for child_desc in doc.get("manifests", []):
+                tally.check_deadline()
+                # A child already in the destination repository is complete there (a
+                # registry accepts a manifest only once its blobs exist): one HEAD instead
+                # of a GET, blob checks and a PUT — what makes a moved multi-arch tag cheap.
+                present = dst.manifest_digest(destination.repository, child_desc["digest"])
+                if present == child_desc["digest"]:
+                    continue
                 child = src.get_manifest(source.repository, child_desc["digest"])
                 self._copy_tree(src, source, dst, destination, child, pool, tally)
                 dst.put_manifest(destination.repository, child.digest, child)

@@ -224,3 +224,25 @@ def test_deadline_stops_a_slow_copy(make_registry, make_proxy):
                     deadline=time.monotonic() + 1.0)
     assert not is_transient(caught.value)
     assert images.manifest_digest(dst, "slow/app", "v1") is None  # nothing tagged
+
+
+def test_moved_multiarch_tag_reuses_children_already_there(make_registry, make_proxy):
+    src, dst = make_registry(), make_registry()
+    base = images.make_layer(4000, seed="base")
+    first = images.push_index(src, "multi/app", "v1", platforms=[AMD64, ARM64],
+                              shared_layers=[base], seed="first")
+    copier = ImageCopier(registries_for(src, dst))
+    copier.copy(ref(src, "multi/app:v1"), ref(dst, "multi/app:v1"))
+    # v2 is a new index with one new child (s390x) next to the same two children.
+    amd, arm = first.children[AMD64], first.children[ARM64]
+    s390 = images.push_image(src, "multi/app", None, platform=("linux", "s390x", None),
+                             layers=[base, images.make_layer(999, seed="s390x")])
+    index = images.make_index([(c.manifest, c.media_type, p) for p, c in
+                               ((AMD64, amd), (ARM64, arm), (s390.platform, s390))], "docker")
+    images.push_manifest(src, "multi/app", "v2", index, images.DOCKER_LIST)
+    proxy = make_proxy(dst)
+    result = copier.copy(ref(src, "multi/app:v2"), parse_reference(f"{proxy.host}/multi/app:v2"))
+    assert result.manifests_pushed == 2  # the new child and the index
+    assert proxy.count("PUT", "/manifests/") == 2
+    assert result.blobs_copied == 2 and result.blobs_existing == 1  # s390x layer+config; base
+    assert_identical(src, "multi/app", dst, "multi/app", "v2")

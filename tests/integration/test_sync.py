@@ -216,3 +216,23 @@ def test_bad_config_exits_2_before_any_request(make_registry, make_proxy, tmp_pa
     assert len(errors) == 1 and name in errors[0], errors
     assert "Traceback" not in result.stderr
     assert proxy.records == []
+
+
+def test_copy_command_exit_codes(make_registry, tmp_path):
+    src, dst = make_registry(), make_registry(auth="htpasswd")
+    pushed = images.push_image(src, "one/app", "v1")
+    auth = tmp_path / "auth.yaml"
+    auth.write_text(yaml.safe_dump({dst.host: {"username": "admin",
+                                               "password": BASIC_USERS["admin"]}}))
+    ok = run_cli("copy", f"{src.host}/one/app:v1", f"{dst.host}/two/app:v1", "--auth", str(auth))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith(f"synced {src.host}/one/app:v1 -> {dst.host}/two/app:v1")
+    assert images.manifest_digest(dst, "two/app", "v1") == pushed.digest
+
+    missing = run_cli("copy", f"{src.host}/one/app:nope", f"{dst.host}/two/app:nope",
+                      "--auth", str(auth))
+    assert missing.returncode == 1
+    assert "not found" in missing.stderr and "Traceback" not in missing.stderr
+
+    bad = run_cli("copy", "Not A Reference", f"{dst.host}/two/app:v1")
+    assert bad.returncode == 2 and "invalid" in bad.stderr

@@ -4,6 +4,7 @@ ones — ``plan`` (enqueue a run), ``status`` (read a run's ledger), ``worker`` 
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import sys
@@ -201,7 +202,27 @@ def flower(port, address) -> None:
     app.start(["flower", f"--port={port}", f"--address={address}"])
 
 
-main = guard(cli)
+def guard_redis(command):
+    """Turn a Redis error (unreachable, wrong password, TLS refused) into one line + exit 1
+    instead of a traceback; the URL is shown with its password masked."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except redis.RedisError as exc:
+            from kombu.utils.url import maybe_sanitize_url
+
+            from workers.settings import redis_url
+
+            click.echo(f"error: Redis {maybe_sanitize_url(redis_url())}: "
+                       f"{type(exc).__name__}: {exc}", err=True)
+            sys.exit(1)
+
+    return run
+
+
+main = guard(guard_redis(cli))
 __all__ = ["main"]
 
 

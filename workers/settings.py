@@ -10,6 +10,8 @@ second time while the first is still running.
 from __future__ import annotations
 
 import os
+import ssl
+import urllib.parse
 
 from syncer.retry import RetryPolicy
 
@@ -27,6 +29,21 @@ def redis_url() -> str:
     return os.environ.get("SYNCER_REDIS_URL") or broker_url()
 
 
+def broker_use_ssl(url: str) -> dict | None:
+    """TLS options for a ``rediss://`` broker URL that names none.
+
+    kombu treats a bare ``rediss://`` URL as ``ssl_cert_reqs=CERT_NONE`` (it only logs a
+    warning), while redis-py -- the ledger client on the same URL -- verifies the server
+    certificate. Verify on the broker too; ``ssl_*`` parameters in the URL still decide.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    if any(key.startswith("ssl_") for key in urllib.parse.parse_qs(parts.query)):
+        return None
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
 def build_settings() -> dict:
     """The Celery configuration as a dict."""
     time_limit = int(os.environ.get("SYNCER_TASK_TIME_LIMIT", "3600"))
@@ -34,7 +51,7 @@ def build_settings() -> dict:
     visibility = int(
         os.environ.get("SYNCER_VISIBILITY_TIMEOUT", str(time_limit + int(longest_retry) + 600))
     )
-    return {
+    settings = {
         "broker_url": broker_url(),
         "broker_transport_options": {
             "visibility_timeout": visibility,
@@ -66,3 +83,7 @@ def build_settings() -> dict:
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
+    use_ssl = broker_use_ssl(settings["broker_url"])
+    if use_ssl:
+        settings["broker_use_ssl"] = use_ssl
+    return settings

@@ -8,8 +8,11 @@ traffic ("no PUT/PATCH/POST to /blobs/ happened"). Faults can be injected with
 :meth:`CountingProxy.fail_next`, :meth:`CountingProxy.reset_next` and
 :meth:`CountingProxy.delay_next`.
 
-Absolute-form request lines (``GET http://host/v2/ HTTP/1.1``) are accepted too, so the
-proxy also works as a plain-HTTP forward proxy for that one upstream.
+Absolute-form request lines (``GET http://host/v2/ HTTP/1.1``) are accepted too: they are
+forwarded to the host they name (the upstream or any other), with responses passed through
+unchanged, so the proxy also works as a plain-HTTP forward proxy (``HTTP_PROXY=proxy.url``)
+in front of several registries. Such requests carry that host in
+:attr:`ProxyRecord.absolute_host`. ``CONNECT`` (HTTPS tunnelling) is not supported.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ class ProxyRecord:
 
     ``status`` is the status returned to the client (0 when the connection was reset or
     the upstream could not be reached before a status was known); ``injected`` names the
-    fault kind when the proxy answered by itself.
+    fault kind when the proxy answered by itself. ``absolute_host`` is the ``host:port``
+    of an absolute-form request line (forward-proxy use), empty for origin-form requests.
     """
 
     method: str
@@ -70,6 +74,7 @@ class ProxyRecord:
     response_bytes: int = 0
     request_headers: dict[str, str] = field(default_factory=dict)
     started: float = 0.0
+    absolute_host: str = ""
 
     @property
     def uri(self) -> str:
@@ -322,12 +327,15 @@ class CountingProxy:
 
     # -- forwarding helpers ----------------------------------------------------------
 
-    def _connect(self) -> http.client.HTTPConnection:
-        host, _, port = self.upstream_host.rpartition(":")
-        if self.upstream_scheme == "https":
-            context = ssl.create_default_context(
-                cafile=str(self.upstream_ca_file) if self.upstream_ca_file else None
-            )
+    def _connect(self, scheme: str = "", netloc: str = "") -> http.client.HTTPConnection:
+        """A connection to the upstream, or to ``scheme://netloc`` (absolute-form requests)."""
+        scheme, netloc = scheme or self.upstream_scheme, netloc or self.upstream_host
+        host, sep, port = netloc.rpartition(":")
+        if not sep or not port.isdigit():
+            host, port = netloc, ""
+        if scheme == "https":
+            ca_file = self.upstream_ca_file if netloc == self.upstream_host else None
+            context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
             return http.client.HTTPSConnection(
                 host, int(port or 443), timeout=self.timeout, context=context
             )
@@ -392,8 +400,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def _proxy(self) -> None:
         proxy = self.proxy
         target = self.path
+        scheme = netloc = ""
         if target.startswith(("http://", "https://")):
             parts = urllib.parse.urlsplit(target)
+            scheme, netloc = parts.scheme, parts.netloc
             target = urllib.parse.urlunsplit(("", "", parts.path, parts.query, ""))
         path, _, query = target.partition("?")
         method = self.command
@@ -404,6 +414,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             status=0,
             request_headers={k: v for k, v in self.headers.items()},
             started=time.time(),
+            absolute_host=netloc,
         )
         body, chunked, length = self._body()
 
@@ -431,11 +442,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 self.wfile.write(fault.body)
             return
 
-        conn = proxy._connect()
+        conn = proxy._connect(scheme, netloc)
         try:
             try:
                 conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-                conn.putheader("Host", proxy.upstream_host)
+                conn.putheader("Host", netloc or proxy.upstream_host)
                 for key, value in self.headers.items():
                     if key.lower() not in HOP_BY_HOP and key.lower() != "content-length":
                         conn.putheader(key, value)
@@ -478,8 +489,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             lower = key.lower()
             if lower in HOP_BY_HOP:
                 continue
-            if lower in ("location", "link", "content-location"):
-                value = proxy.rewrite_url(value)
+            if lower in ("location", "link", "content-location") and not record.absolute_host:
+                value = proxy.rewrite_url(value)  # a forward proxy passes them through as-is
             self.send_header(key, value)
         stream_chunked = not no_body and length is None
         if stream_chunked:

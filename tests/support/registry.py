@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -579,13 +580,24 @@ class RedisServer:
     unless ``persistent=True``: then every write is appended to an AOF in ``directory`` and
     fsynced at once (``--appendonly yes --appendfsync always``), so queued messages and
     ledgers survive ``stop()`` / ``start()`` (or ``restart()``) like a production Redis.
+
+    ``password="..."`` starts the server with ``--requirepass``; the URLs then carry it as
+    ``redis://:PASSWORD@host:port/db`` (percent-encoded). ``tls=True`` serves TLS only
+    (``--port 0 --tls-port P``) with a certificate from a throw-away CA (``ca_file``; no
+    client certificates), and the URLs become
+    ``rediss://host:port/db?ssl_cert_reqs=required&ssl_ca_certs=<ca_file>``, which both
+    kombu (the Celery broker) and ``redis.Redis.from_url`` understand.
     """
 
     def __init__(self, directory: Path, port: int | None = None, *,
-                 persistent: bool = False) -> None:
+                 persistent: bool = False, password: str | None = None,
+                 tls: bool = False) -> None:
         self.directory = Path(directory)
         self.port = port or free_port()
         self.persistent = persistent
+        self.password = password
+        self.tls = tls
+        self.server_tls: ServerTLS | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.directory / "redis.log"
 
@@ -595,13 +607,26 @@ class RedisServer:
         return f"{LOOPBACK}:{self.port}"
 
     @property
+    def ca_file(self) -> Path | None:
+        """The CA that signed the server certificate (TLS mode, once started)."""
+        return self.server_tls.ca_cert if self.server_tls else None
+
+    @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
-        return f"redis://{self.host}/0"
+        """``redis://[:PASSWORD@]127.0.0.1:PORT/0`` (``rediss://...?ssl_...`` with TLS)."""
+        return self.db_url(0)
 
     def db_url(self, db: int) -> str:
         """URL for database number ``db``."""
-        return f"redis://{self.host}/{db}"
+        userinfo = f":{urllib.parse.quote(self.password, safe='')}@" if self.password else ""
+        if not self.tls:
+            return f"redis://{userinfo}{self.host}/{db}"
+        if self.server_tls is None:
+            raise RuntimeError("start() the TLS redis-server before asking for its URL")
+        query = urllib.parse.urlencode(
+            {"ssl_cert_reqs": "required", "ssl_ca_certs": str(self.server_tls.ca_cert)}, safe="/"
+        )
+        return f"rediss://{userinfo}{self.host}/{db}?{query}"
 
     @property
     def running(self) -> bool:
@@ -609,11 +634,29 @@ class RedisServer:
         return self.proc is not None and self.proc.poll() is None
 
     def ping(self) -> bool:
-        """Return True if the server answers ``PING`` with ``+PONG``."""
+        """Return True if the server answers ``PING`` with ``+PONG`` (after ``AUTH`` when it
+        has a password, over TLS when it serves TLS)."""
+        request = b""
+        if self.password:
+            request += _resp_command("AUTH", self.password)
+        request += _resp_command("PING")
         try:
-            with socket.create_connection((LOOPBACK, self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+            with contextlib.ExitStack() as stack:
+                sock: socket.socket = stack.enter_context(
+                    socket.create_connection((LOOPBACK, self.port), timeout=1))
+                if self.tls:
+                    assert self.server_tls is not None
+                    context = ssl.create_default_context(cafile=str(self.server_tls.ca_cert))
+                    sock = stack.enter_context(
+                        context.wrap_socket(sock, server_hostname=LOOPBACK))
+                sock.sendall(request)
+                answer = b""
+                while answer.count(b"\r\n") < (2 if self.password else 1):
+                    data = sock.recv(256)
+                    if not data:
+                        break
+                    answer += data
+                return answer.splitlines()[-1:] == [b"+PONG"]
         except OSError:
             return False
 
@@ -622,10 +665,33 @@ class RedisServer:
         if self.running:
             return self
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self.tls and self.server_tls is None:  # kept across restarts: clients trust one CA
+            self.server_tls = make_server_tls(self.directory / "tls")
         wait_until(lambda: not port_is_open(self.port), timeout, f"port {self.port} to be free")
+        if self.tls:
+            assert self.server_tls is not None
+            listen = [
+                "--port", "0",
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.server_tls.server_cert),
+                "--tls-key-file", str(self.server_tls.server_key),
+                "--tls-ca-cert-file", str(self.server_tls.ca_cert),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
+        else:
+            listen = ["--port", str(self.port)]
+        # The password goes in a config file (mode 600), not argv, so it does not show in
+        # `ps` -- as an operator would run it.
+        conf: list[str] = []
+        if self.password:
+            conf_path = self.directory / "redis-auth.conf"
+            conf_path.write_text(f"requirepass {_redis_quote(self.password)}\n")
+            conf_path.chmod(0o600)
+            conf = [str(conf_path)]
         argv = [
             require_binary(REDIS_BINARY),
-            "--port", str(self.port),
+            *conf,
+            *listen,
             "--bind", LOOPBACK,
             "--save", "",
             "--appendonly", "yes" if self.persistent else "no",
@@ -668,8 +734,24 @@ class RedisServer:
         self.stop()
 
 
+def _resp_command(*parts: str) -> bytes:
+    """One command in the Redis protocol (RESP array of bulk strings)."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = part.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _redis_quote(value: str) -> str:
+    """``value`` as a double-quoted redis.conf string."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
 class RedisUrl(str):
-    """A ``redis://127.0.0.1:PORT/0`` string that can also stop/start its server.
+    """A ``redis://127.0.0.1:PORT/0`` string (or the password / TLS form of
+    :attr:`RedisServer.url`) that can also stop/start its server.
 
     Yielded by the ``redis_server`` fixture: pass it anywhere a URL is expected and call
     ``stop()`` / ``start()`` / ``restart()`` to simulate an outage on the same port.

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import functools
 import os
-import secrets
 import sys
-import time
 
 import click
-import redis
 
 from syncer.cli import (
     PATH,
@@ -28,20 +25,7 @@ from syncer.cli import (
 from syncer.config import load_auth_file
 from syncer.errors import ConfigError
 from syncer.logsetup import configure_logging
-from syncer.progress import ProgressView
-from syncer.redis_ledger import RedisLedger, RunNotFound
 from syncer.report import exit_code, render_summary
-
-
-def _redis() -> redis.Redis:
-    from workers.context import redis_client
-
-    return redis_client()
-
-
-def new_run_id() -> str:
-    """A sortable, unique run id such as ``run-20261128-031500-3f9a``."""
-    return time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
 @cli.command()
@@ -54,21 +38,16 @@ def plan(config, wait, as_json, **options) -> None:
 
     CONFIG is the legacy single config file (the same as --config).
     """
-    from workers.tasks import sync_image
+    from syncer.redis_ledger import RunNotFound
+    from workers.runs import enqueue, wait_for
 
     rules, output = RuleOptions.take(options), OutputOptions.take(options)
     rules.config_file = config or rules.config_file
     if output.dry_run:
         fail_usage(["plan: --dry-run belongs to 'syncer sync --dry-run'"])
     prepared = prepare(rules, log_file=output.log_file)
-    run_id = new_run_id()
-    ledger = RedisLedger(_redis(), run_id)
-    ledger.begin(prepared.plan.jobs, prepared.plan.failures, retries=rules.retries)
-    for job in prepared.plan.jobs:
-        sync_image.apply_async(
-            args=(run_id, job.to_dict(), rules.retries),
-            argsrepr=f"({run_id!r}, {job.label!r})",  # what Flower and logs show
-        )
+    ledger = enqueue(prepared.plan, rules.retries)
+    run_id = ledger.run_id
     prepared.registries.close()
     if not wait:
         if as_json:
@@ -98,30 +77,16 @@ def plan(config, wait, as_json, **options) -> None:
     finish(summary, output)
 
 
-def wait_for(ledger: RedisLedger, *, show_progress: bool, poll: float = 0.5):
-    """Poll the ledger until every job is final; return the final summary."""
-    with ProgressView(ledger.summary, enabled=show_progress):
-        while True:
-            summary = _read_summary(ledger)
-            if summary is not None and summary.complete:
-                return summary
-            time.sleep(poll)
-
-
-def _read_summary(ledger: RedisLedger):
-    try:
-        return ledger.summary()
-    except redis.ConnectionError:
-        return None  # Redis restarting: keep waiting
-
-
 @cli.command()
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--watch", is_flag=True, help="Keep watching until the run ends.")
 def status(run_id, as_json, watch) -> None:
     """Show a run's totals, rates and failures (from any host with access to Redis)."""
-    ledger = RedisLedger(_redis(), run_id)
+    from syncer.redis_ledger import RunNotFound
+    from workers.runs import open_ledger, wait_for
+
+    ledger = open_ledger(run_id)
     try:
         summary = wait_for(ledger, show_progress=sys.stderr.isatty()) if watch else ledger.summary()
     except RunNotFound:
@@ -210,7 +175,10 @@ def guard_redis(command):
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except redis.RedisError as exc:
+        except Exception as exc:
+            redis = sys.modules.get("redis")  # not imported at all: cannot be a Redis error
+            if redis is None or not isinstance(exc, redis.RedisError):
+                raise
             from kombu.utils.url import maybe_sanitize_url
 
             from workers.settings import redis_url

@@ -235,7 +235,7 @@ class ImageCopier:
             if src.registry == registry and src_repo != dst_repo:
                 candidates.append(src_repo)
             for holder in candidates:
-                if holder != dst_repo and dst.mount_blob(dst_repo, digest, holder):
+                if holder != dst_repo and _try_mount(dst, dst_repo, digest, holder):
                     tally.add(blobs_mounted=1)
                     self.coordinator.record(registry, dst_repo, digest)
                     return
@@ -285,6 +285,18 @@ def _verified_chunks(
         raise IntegrityError(
             f"blob {digest[:19]}: content digest {actual[:19]} does not match", registry=registry
         )
+
+
+def _try_mount(dst: RegistryClient, repository: str, digest: str, holder: str) -> bool:
+    """A mount is only an optimisation: when it is refused outright (e.g. the credentials for
+    ``repository`` may not pull ``holder``), fall back to uploading. Transient errors still
+    propagate, to be retried like any other."""
+    try:
+        return dst.mount_blob(repository, digest, holder)
+    except RegistryError as exc:
+        if exc.transient:
+            raise
+        return False
 
 
 def _is_foreign(descriptor: dict) -> bool:

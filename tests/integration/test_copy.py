@@ -246,3 +246,28 @@ def test_moved_multiarch_tag_reuses_children_already_there(make_registry, make_p
     assert proxy.count("PUT", "/manifests/") == 2
     assert result.blobs_copied == 2 and result.blobs_existing == 1  # s390x layer+config; base
     assert_identical(src, "multi/app", dst, "multi/app", "v2")
+
+
+def test_refused_mount_falls_back_to_upload(make_registry):
+    """Credentials for the target namespace may not pull the repository that holds a layer:
+    the mount is refused, and the copy uploads instead of failing."""
+    from syncer.credentials import AuthEntry, Credentials, CredentialStore
+    from syncer.registry import Registries
+    from tests.support import TOKEN_USERS
+
+    src = make_registry()
+    dst = make_registry(auth="token")
+    dst.token_server.deny("puller", ("pull",), prefix="team-a/")
+    dst.token_server.grant("puller", ("pull", "push"), prefix="team-b/")
+    base = images.make_layer(20_000, seed="base")
+    images.push_image(src, "app/one", "v1", layers=[base, images.make_layer(10, seed=1)])
+    images.push_image(src, "app/two", "v1", layers=[base, images.make_layer(10, seed=2)])
+    store = CredentialStore([
+        AuthEntry(f"{dst.host}/team-a", Credentials("admin", TOKEN_USERS["admin"])),
+        AuthEntry(f"{dst.host}/team-b", Credentials("puller", TOKEN_USERS["puller"])),
+    ], docker_config=False)
+    copier = ImageCopier(Registries(store))
+    copier.copy(ref(src, "app/one:v1"), ref(dst, "team-a/one:v1"))
+    second = copier.copy(ref(src, "app/two:v1"), ref(dst, "team-b/two:v1"))
+    assert second.blobs_mounted == 0 and second.blobs_copied == 3
+    assert_identical(src, "app/two", dst, "team-b/two", "v1")

@@ -37,6 +37,11 @@ __all__ = ["BASIC_USERS", "TEST_PASSWORDS", "TOKEN_PERMISSIONS", "TOKEN_USERS"]
 
 _INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
 
+# Every server in these tests is on loopback. A proxy configured on the machine (for package
+# downloads, say) must never carry that traffic: in-process clients and subprocesses alike.
+for _var in ("NO_PROXY", "no_proxy"):
+    os.environ[_var] = ",".join(filter(None, [os.environ.get(_var), "127.0.0.1", "localhost"]))
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test under ``tests/integration`` with ``@pytest.mark.integration``."""

@@ -78,14 +78,28 @@ def plan(config, wait, as_json, **options) -> None:
 
 
 @cli.command()
-@click.argument("run_id")
+@click.argument("run_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--watch", is_flag=True, help="Keep watching until the run ends.")
 def status(run_id, as_json, watch) -> None:
-    """Show a run's totals, rates and failures (from any host with access to Redis)."""
-    from syncer.redis_ledger import RunNotFound
-    from workers.runs import open_ledger, wait_for
+    """Show a run's totals, rates and failures (from any host with access to Redis).
 
+    Without RUN_ID, list the recent runs.
+    """
+    from syncer.redis_ledger import RunNotFound
+    from workers.runs import open_ledger, recent_runs, wait_for
+
+    if run_id is None:
+        runs = recent_runs()
+        if as_json:
+            print_json({"runs": [summary.to_dict() for summary in runs]})
+        for summary in [] if as_json else runs:
+            state = "done" if summary.complete else "running"
+            click.echo(
+                f"{summary.run_id}  {state:<7}  {summary.done}/{summary.total} images, "
+                f"{summary.failed} failed"
+            )
+        return
     ledger = open_ledger(run_id)
     try:
         summary = wait_for(ledger, show_progress=sys.stderr.isatty()) if watch else ledger.summary()
@@ -183,8 +197,10 @@ def guard_redis(command):
 
             from workers.settings import redis_url
 
-            click.echo(f"error: Redis {maybe_sanitize_url(redis_url())}: "
-                       f"{type(exc).__name__}: {exc}", err=True)
+            click.echo(
+                f"error: Redis {maybe_sanitize_url(redis_url())}: {type(exc).__name__}: {exc}",
+                err=True,
+            )
             sys.exit(1)
 
     return run

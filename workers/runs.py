@@ -14,7 +14,7 @@ import redis
 from syncer.jobs import Plan
 from syncer.ledger import RunSummary
 from syncer.progress import ProgressView
-from syncer.redis_ledger import RedisLedger
+from syncer.redis_ledger import RUNS_KEY, RedisLedger, RunNotFound
 from workers.context import redis_client
 
 
@@ -26,6 +26,19 @@ def new_run_id() -> str:
 def open_ledger(run_id: str) -> RedisLedger:
     """The ledger of ``run_id`` in the configured Redis."""
     return RedisLedger(redis_client(), run_id)
+
+
+def recent_runs(limit: int = 20) -> list[RunSummary]:
+    """Summaries of the newest runs still in Redis, newest first."""
+    client = redis_client()
+    found = []
+    for raw in client.zrevrange(RUNS_KEY, 0, limit - 1):
+        run_id = raw.decode() if isinstance(raw, bytes) else raw
+        try:
+            found.append(RedisLedger(client, run_id).summary())
+        except RunNotFound:
+            client.zrem(RUNS_KEY, run_id)  # expired: drop it from the index
+    return found
 
 
 def enqueue(plan: Plan, retries: int) -> RedisLedger:

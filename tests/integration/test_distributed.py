@@ -278,6 +278,12 @@ def test_two_workers_share_a_run_and_status_agrees(make_registry, redis_server, 
     own_bytes = sum(len(img.config) + len(img.layers[1]) for img in pushed.values())
     assert shown["bytes_copied"] == len(shared) + own_bytes
 
+    # Without a run id, `syncer status` lists the runs Redis knows.
+    listed = run_syncer(pool.env, "status", "--json", timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    runs = json.loads(listed.stdout)["runs"]
+    assert [(r["run_id"], r["complete"], r["synced"]) for r in runs] == [(run_id, True, 22)]
+
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("worker_pool", ["threads", "prefork"])

@@ -249,24 +249,26 @@ class ImageCopier:
             if size < 0:
                 size = int(response.headers.get("Content-Length", "0"))
             chunks = _verified_chunks(response, digest, size, src.registry, tally)
-            dst.upload_blob(dst_repo, digest, size, chunks)
+
+            def reopen(offset: int) -> Iterator[bytes]:
+                return _resumed_chunks(src, src_repo, digest, offset, size, tally)
+
+            dst.upload_blob(dst_repo, digest, size, chunks, reopen=reopen)
         finally:
             response.close()
 
 
-def _verified_chunks(
-    response: requests.Response, digest: str, size: int, registry: str, tally: _Tally
+def _counted_chunks(
+    response: requests.Response, digest: str, expected: int, registry: str, tally: _Tally
 ) -> Iterator[bytes]:
-    """Yield the raw body in bounded chunks, hashing as it flows; raise on a short or wrong body.
+    """Yield the raw body in bounded chunks, counting them; raise on a broken or short body.
 
     ``decode_content=False``: a blob is stored compressed; if storage labels it
     ``Content-Encoding: gzip`` we must still pass the bytes through unchanged.
     """
-    hasher = hashlib.sha256()
     received = 0
     try:
         for chunk in response.raw.stream(STREAM_CHUNK, decode_content=False):
-            hasher.update(chunk)
             received += len(chunk)
             tally.add(bytes_copied=len(chunk))
             tally.bytes_moved(len(chunk))
@@ -276,15 +278,37 @@ def _verified_chunks(
             f"blob {digest[:19]} read failed after {received} bytes: {type(exc).__name__}",
             registry=registry,
         ) from None
-    if received != size:
+    if received != expected:
         raise IntegrityError(
-            f"blob {digest[:19]}: got {received} bytes, expected {size}", registry=registry
+            f"blob {digest[:19]}: got {received} bytes, expected {expected}", registry=registry
         )
+
+
+def _verified_chunks(
+    response: requests.Response, digest: str, size: int, registry: str, tally: _Tally
+) -> Iterator[bytes]:
+    """The whole body in bounded chunks, hashed as it flows; raise if the digest differs."""
+    hasher = hashlib.sha256()
+    for chunk in _counted_chunks(response, digest, size, registry, tally):
+        hasher.update(chunk)
+        yield chunk
     actual = "sha256:" + hasher.hexdigest()
     if digest.startswith("sha256:") and actual != digest:
         raise IntegrityError(
             f"blob {digest[:19]}: content digest {actual[:19]} does not match", registry=registry
         )
+
+
+def _resumed_chunks(
+    src: RegistryClient, repository: str, digest: str, offset: int, size: int, tally: _Tally
+) -> Iterator[bytes]:
+    """The blob from ``offset`` on (a Range GET), for resuming a chunked upload. Its bytes
+    are not hashed here: the upload's final ``?digest=`` has the registry check the whole."""
+    response = src.open_blob(repository, digest, offset)
+    try:
+        yield from _counted_chunks(response, digest, size - offset, src.registry, tally)
+    finally:
+        response.close()
 
 
 def _try_mount(dst: RegistryClient, repository: str, digest: str, holder: str) -> bool:

@@ -18,13 +18,14 @@ import requests
 
 from syncer.auth import repository_scope
 from syncer.credentials import CredentialStore
-from syncer.errors import IntegrityError, TransportError, UnsupportedManifestError
+from syncer.errors import IntegrityError, RegistryError, TransportError, UnsupportedManifestError
 from syncer.mediatypes import MANIFEST_ACCEPT, SCHEMA1, SUPPORTED, detect_media_type
 from syncer.transport import DEFAULT_TIMEOUT, Transport
 
 STREAM_CHUNK = 1024 * 1024  # bytes read from a source blob at a time (the memory bound)
 CHUNKED_UPLOAD_THRESHOLD = 512 * 1024 * 1024  # above this, upload in PATCH chunks
 UPLOAD_CHUNK = 128 * 1024 * 1024  # size of one PATCH when uploading in chunks
+MAX_UPLOAD_RESUMES = 3  # transient PATCH failures resumed within one upload
 _LINK_RE = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 _PAGE_SIZE = 1000
 
@@ -192,15 +193,18 @@ class RegistryClient:
         response.close()
         return response.status_code == 200
 
-    def open_blob(self, repository: str, digest: str) -> requests.Response:
-        """Start a streaming GET of a blob (follows redirects to storage without credentials)."""
+    def open_blob(self, repository: str, digest: str, offset: int = 0) -> requests.Response:
+        """Start a streaming GET of a blob, from ``offset`` on (a ``Range`` request answered
+        206). Redirects to storage are followed without credentials."""
         return self.transport.request(
             "GET",
             f"/v2/{repository}/blobs/{digest}",
             repository=repository,
             scopes=(repository_scope(repository, "pull"),),
-            what=f"get blob {digest[:19]}",
+            what=f"get blob {digest[:19]}" + (f" from {offset}" if offset else ""),
             stream=True,
+            headers={"Range": f"bytes={offset}-"} if offset else None,
+            ok=(206,) if offset else (200,),
         )
 
     def mount_blob(self, repository: str, digest: str, from_repository: str) -> bool:
@@ -242,12 +246,22 @@ class RegistryClient:
                 allow=(404,),
             ).close()
 
-    def upload_blob(self, repository: str, digest: str, size: int, chunks: Iterable[bytes]) -> None:
+    def upload_blob(
+        self,
+        repository: str,
+        digest: str,
+        size: int,
+        chunks: Iterable[bytes],
+        reopen: Callable[[int], Iterable[bytes]] | None = None,
+    ) -> None:
         """Upload a blob from an iterator of byte chunks, never holding it whole.
 
         Monolithic (POST, then one streamed PUT ``?digest=``) up to the chunked threshold;
         beyond it, or when the registry sets ``OCI-Chunk-Min-Length``, PATCH in chunks with
-        ``Content-Range`` and close with an empty PUT.
+        ``Content-Range`` and close with an empty PUT. A chunked upload whose PATCH fails
+        transiently resumes where the registry says it stands, with ``reopen(offset)``
+        giving the bytes from there on; the final ``?digest=`` makes the registry check the
+        whole blob.
         """
         scopes = (repository_scope(repository, "pull,push"),)
         started = self.transport.request(
@@ -264,7 +278,7 @@ class RegistryClient:
         try:
             if size > CHUNKED_UPLOAD_THRESHOLD or min_chunk:
                 location = self._patch_chunks(
-                    repository, location, chunks, size, max(UPLOAD_CHUNK, min_chunk)
+                    repository, location, chunks, size, max(UPLOAD_CHUNK, min_chunk), reopen
                 )
                 body = None
             else:
@@ -284,31 +298,63 @@ class RegistryClient:
             raise
 
     def _patch_chunks(
-        self, repository: str, location: str, chunks: Iterable[bytes], size: int, chunk_size: int
+        self,
+        repository: str,
+        location: str,
+        chunks: Iterable[bytes],
+        size: int,
+        chunk_size: int,
+        reopen: Callable[[int], Iterable[bytes]] | None,
     ) -> str:
         """PATCH ``size`` bytes in ``chunk_size`` pieces, in order; return the last Location."""
         scopes = (repository_scope(repository, "pull,push"),)
         reader = _ByteReader(chunks)
         offset = 0
+        resumes = 0
         while offset < size:
             length = min(chunk_size, size - offset)
-            response = self.transport.request(
-                "PATCH",
-                location,
-                repository=repository,
-                scopes=scopes,
-                what=f"upload chunk at {offset}",
-                ok=(202, 204),
-                headers={
-                    "Content-Type": "application/octet-stream",
-                    "Content-Range": f"{offset}-{offset + length - 1}",
-                },
-                data=_SizedStream(reader.take(length), length),
-            )
+            try:
+                response = self.transport.request(
+                    "PATCH",
+                    location,
+                    repository=repository,
+                    scopes=scopes,
+                    what=f"upload chunk at {offset}",
+                    ok=(202, 204),
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Range": f"{offset}-{offset + length - 1}",
+                    },
+                    data=_SizedStream(reader.take(length), length),
+                )
+            except RegistryError as exc:
+                if not (exc.transient and reopen and resumes < MAX_UPLOAD_RESUMES):
+                    raise
+                resumes += 1
+                offset, location = self._upload_progress(repository, location)
+                reader = _ByteReader(reopen(offset))
+                continue
             response.close()
             offset += length
             location = urljoin(location, response.headers.get("Location", location))
         return location
+
+    def _upload_progress(self, repository: str, location: str) -> tuple[int, str]:
+        """Ask an upload session how many bytes it holds (``GET <location>`` → 204 with
+        ``Range: 0-<last>``); return the offset to resume at and the session's Location."""
+        response = self.transport.request(
+            "GET",
+            location,
+            repository=repository,
+            scopes=(repository_scope(repository, "pull,push"),),
+            what="upload status",
+            ok=(204,),
+        )
+        response.close()
+        received = response.headers.get("Range", "")
+        _, _, last = received.partition("-")
+        offset = int(last) + 1 if last.isdigit() else 0
+        return offset, urljoin(location, response.headers.get("Location", location))
 
     def close(self) -> None:
         """Close the underlying connections."""

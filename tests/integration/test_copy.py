@@ -271,3 +271,27 @@ def test_refused_mount_falls_back_to_upload(make_registry):
     second = copier.copy(ref(src, "app/two:v1"), ref(dst, "team-b/two:v1"))
     assert second.blobs_mounted == 0 and second.blobs_copied == 3
     assert_identical(src, "app/two", dst, "team-b/two", "v1")
+
+
+def test_chunked_upload_resumes_after_a_failed_patch(make_registry, make_proxy, monkeypatch):
+    """A PATCH that fails mid-blob resumes where the registry stands (GET on the upload
+    session → Range), re-reading the source from there with a Range GET — not from zero."""
+    import syncer.registry as registry_module
+
+    monkeypatch.setattr(registry_module, "CHUNKED_UPLOAD_THRESHOLD", 50_000)
+    monkeypatch.setattr(registry_module, "UPLOAD_CHUNK", 64 * 1024)
+    src, dst = make_registry(), make_registry()
+    layer = images.make_layer(300_000, seed="resume", compress=False)
+    images.push_image(src, "big/one", "v1", layers=[layer])
+    src_proxy, dst_proxy = make_proxy(src), make_proxy(dst)
+    dst_proxy.fail_next(1, status=503, path_contains="/blobs/uploads/", method="PATCH", after=2)
+    copier = ImageCopier(registries_for(src, dst))
+    copier.copy(parse_reference(f"{src_proxy.host}/big/one:v1"),
+                parse_reference(f"{dst_proxy.host}/big/one:v1"))
+    assert_identical(src, "big/one", dst, "big/one", "v1")
+    assert dst_proxy.count("PATCH", "/blobs/uploads/", injected=True) == 1
+    assert dst_proxy.count("GET", "/blobs/uploads/") == 1  # the upload status
+    ranged = [r for r in src_proxy.records
+              if r.method == "GET" and "/blobs/" in r.path and r.status == 206]
+    assert len(ranged) == 1  # the source was re-read from the resume point only
+    assert ranged[0].response_bytes == len(layer) - 2 * 64 * 1024

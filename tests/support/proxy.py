@@ -92,6 +92,7 @@ class _Fault:
     retry_after: str | None = None
     seconds: float = 0.0
     body: bytes = b""
+    skip: int = 0  # matching requests let through before the fault applies
 
     def matches(self, method: str, uri: str) -> bool:
         return (
@@ -261,8 +262,10 @@ class CountingProxy:
         method: str | None = None,
         retry_after: float | str | None = None,
         body: bytes | None = None,
+        after: int = 0,
     ) -> None:
-        """Answer the next ``n`` matching requests with ``status`` without forwarding.
+        """Answer the next ``n`` matching requests with ``status`` without forwarding,
+        after letting ``after`` matching requests through.
 
         ``retry_after`` adds a ``Retry-After`` header (use with 429/503). The default body
         is a registry-style JSON error.
@@ -279,6 +282,7 @@ class CountingProxy:
             method=method.upper() if method else None,
             retry_after=None if retry_after is None else str(retry_after),
             body=body,
+            skip=after,
         )
         with self._lock:
             self._faults.append(fault)
@@ -321,6 +325,9 @@ class CountingProxy:
         with self._lock:
             for fault in self._faults:
                 if fault.matches(method, uri):
+                    if fault.skip > 0:
+                        fault.skip -= 1
+                        continue
                     fault.remaining -= 1
                     return fault
         return None

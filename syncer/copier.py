@@ -334,17 +334,3 @@ def _not_found(reference: Reference) -> RegistryError:
         registry=reference.registry,
         status=404,
     )
-
-
-def copy_image(
-    source: Reference,
-    destination: Reference,
-    *,
-    registries: Registries,
-    platforms: PlatformFilter | None = None,
-    force: bool = False,
-    coordinator: BlobCoordinator | None = None,
-) -> CopyResult:
-    """Copy one image (convenience wrapper around :class:`ImageCopier`)."""
-    copier = ImageCopier(registries, coordinator=coordinator)
-    return copier.copy(source, destination, platforms=platforms, force=force)

@@ -423,5 +423,3 @@ class Registries:
                 client.close()
             self._clients.clear()
 
-
-ProgressCallback = Callable[[int], None]

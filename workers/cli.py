@@ -22,7 +22,6 @@ from syncer.cli import (
     print_json,
     sync_options,
 )
-from syncer.config import load_auth_file
 from syncer.errors import ConfigError
 from syncer.logsetup import configure_logging
 from syncer.report import exit_code, render_summary
@@ -141,21 +140,18 @@ def status(run_id, as_json, watch) -> None:
 @click.option("-l", "--loglevel", default="INFO", show_default=True)
 def worker(concurrency, pool, auth_file, config_file, hostname, loglevel) -> None:
     """Start a Celery worker that copies images (credentials from this host's files)."""
-    try:
-        if config_file:
-            entries = load_auth_file(config_file, section="auth")
-            os.environ["SYNCER_CONFIG_FILE"] = os.path.abspath(config_file)
-        elif auth_file:
-            entries = load_auth_file(auth_file)
-            os.environ["SYNCER_AUTH_FILE"] = os.path.abspath(auth_file)
-        else:
-            entries = []
+    if config_file:
+        os.environ["SYNCER_CONFIG_FILE"] = os.path.abspath(config_file)
+    elif auth_file:
+        os.environ["SYNCER_AUTH_FILE"] = os.path.abspath(auth_file)
+    from workers.app import app
+    from workers.context import load_worker_store
+
+    try:  # the same loader every task uses: a bad file stops the worker before it starts
+        store = load_worker_store()
     except ConfigError as exc:
         fail_usage(exc.problems)
-    from syncer.credentials import CredentialStore
-    from workers.app import app
-
-    configure_logging(log_file=None, secrets=CredentialStore(entries).secrets)
+    configure_logging(log_file=None, secrets=store.secrets)
     argv = [
         "worker",
         f"--concurrency={concurrency}",

@@ -14,10 +14,19 @@ The flow (distribution's ``docs/spec/auth/token.md``, used by Docker Hub, Harbor
 A ``Basic`` challenge is answered with the credentials directly, and from then on sent up front.
 Redirects are followed by requests, which drops ``Authorization`` when the host changes — that
 matters because real registries redirect blob GETs to object storage.
+
+Token fetches are *single-flight* per scope set: when many threads need a token for the same
+scopes at once (a run starting, a token expiring), one fetches it under a lock per scope key
+and the others wait for it and use it. A fetch is retried in place under
+:data:`~syncer.retry.REQUEST_RETRIES`; a 429 from the token server becomes a
+:class:`~syncer.errors.RateLimitedError` carrying its ``Retry-After`` and pauses the token
+server's host in the shared :class:`~syncer.hostgate.Gate`. Messages name status codes only:
+no credential, token or refresh token ever reaches an exception or a log line.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -27,8 +36,18 @@ from urllib.parse import urlparse
 import requests
 
 from syncer.credentials import Credentials
-from syncer.errors import AuthenticationError, ServerError, TransportError
+from syncer.errors import AuthenticationError, RateLimitedError, ServerError, TransportError
+from syncer.hostgate import DEFAULT_RATE_LIMIT_PAUSE, Gate, HostGate
 from syncer.reference import api_host
+from syncer.retry import (
+    REQUEST_RETRIES,
+    RetryPolicy,
+    call_with_retries,
+    current_deadline,
+    parse_retry_after,
+)
+
+log = logging.getLogger(__name__)
 
 # Refresh a token this many seconds before the registry would reject it.
 _EXPIRY_MARGIN = 10.0
@@ -88,7 +107,9 @@ class Authenticator:
     """Produces ``Authorization`` headers for one registry host.
 
     ``header_for`` answers from what is already known (a cached token, or Basic once the
-    registry asked for Basic); ``answer_challenge`` runs the flow after a 401.
+    registry asked for Basic); ``answer_challenge`` runs the flow after a 401. ``gate`` is the
+    process's rate-limit gate (shared with the transports), ``retry_policy`` the in-place
+    policy for token fetches.
     """
 
     def __init__(
@@ -97,14 +118,21 @@ class Authenticator:
         session: requests.Session,
         timeout: tuple[float, float],
         verify: bool | str = True,
+        *,
+        gate: Gate | None = None,
+        retry_policy: RetryPolicy = REQUEST_RETRIES,
     ):
         self.registry = registry
         self._verify = verify
         self._session = session
         self._timeout = timeout
+        self._gate: Gate = gate if gate is not None else HostGate()
+        self._policy = retry_policy
         self._tokens = TokenCache()
         self._scheme: str | None = None  # learnt from the first challenge
         self._bearer_params: dict[str, str] = {}
+        self._flights: dict[tuple[str, ...], threading.Lock] = {}
+        self._flights_lock = threading.Lock()
 
     def header_for(self, scopes: tuple[str, ...], credentials: Credentials) -> str | None:
         """The Authorization header to send up front, if any is known to be wanted.
@@ -117,15 +145,22 @@ class Authenticator:
         if self._scheme == "bearer":
             token = self._tokens.get(scopes)
             if token is None and self._bearer_params:
-                token, expires_in = self._fetch_token(self._bearer_params, scopes, credentials)
-                self._tokens.put(scopes, token, expires_in)
+                token = self._token(self._bearer_params, scopes, credentials)
             return f"Bearer {token}" if token else None
         return None
 
     def answer_challenge(
-        self, response: requests.Response, scopes: tuple[str, ...], credentials: Credentials
+        self,
+        response: requests.Response,
+        scopes: tuple[str, ...],
+        credentials: Credentials,
+        rejected: str | None = None,
     ) -> str:
-        """Given a 401, return the header to retry with, or raise AuthenticationError."""
+        """Given a 401, return the header to retry with, or raise AuthenticationError.
+
+        ``rejected`` is the Authorization header the refused request carried: a cached token
+        other than that one (fetched meanwhile by another thread) is used without a fetch.
+        """
         challenge = parse_challenge(response.headers.get("WWW-Authenticate"))
         if challenge is None:
             raise AuthenticationError(
@@ -146,9 +181,41 @@ class Authenticator:
             )
         # Realm and service are per registry; the scope comes from our request, not theirs.
         self._bearer_params = {k: v for k, v in challenge.params.items() if k != "scope"}
-        token, expires_in = self._fetch_token(challenge.params, scopes, credentials)
-        self._tokens.put(scopes, token, expires_in)
-        return f"Bearer {token}"
+        return f"Bearer {self._token(challenge.params, scopes, credentials, rejected)}"
+
+    def _flight(self, scopes: tuple[str, ...]) -> threading.Lock:
+        with self._flights_lock:
+            lock = self._flights.get(scopes)
+            if lock is None:
+                lock = self._flights[scopes] = threading.Lock()
+            return lock
+
+    def _token(
+        self,
+        params: dict[str, str],
+        scopes: tuple[str, ...],
+        credentials: Credentials,
+        rejected: str | None = None,
+    ) -> str:
+        """A token for ``scopes``: cached, or fetched by exactly one thread at a time."""
+        with self._flight(scopes):
+            cached = self._tokens.get(scopes)
+            if cached is not None and f"Bearer {cached}" != rejected:
+                return cached  # another thread fetched it while we waited
+            token, expires_in = call_with_retries(
+                lambda: self._fetch_token(params, scopes, credentials),
+                self._policy,
+                on_retry=self._log_retry,
+                deadline=current_deadline(),
+            )
+            self._tokens.put(scopes, token, expires_in)
+            return token
+
+    def _log_retry(self, number: int, exc: BaseException, wait: float) -> None:
+        log.info(
+            "retry %d/%d in %.2fs: token fetch for %s: %s",
+            number, self._policy.max_retries, wait, self.registry, exc,
+        )
 
     def _fetch_token(
         self, params: dict[str, str], scopes: tuple[str, ...], credentials: Credentials
@@ -164,8 +231,10 @@ class Authenticator:
         query.extend(("scope", s) for s in scopes)
         # A private CA configured for the registry also covers a token server on the same
         # host; any other realm (auth.docker.io, …) is verified against the system store.
-        same_host = urlparse(realm).netloc == api_host(self.registry)
+        realm_host = urlparse(realm).netloc
+        same_host = realm_host == api_host(self.registry)
         verify = self._verify if (same_host or self._verify is False) else True
+        self._gate.wait(realm_host)
         try:
             if credentials.identity_token:
                 response = self._session.post(
@@ -188,29 +257,47 @@ class Authenticator:
             raise TransportError(
                 f"token server unreachable: {type(exc).__name__}", registry=self.registry
             ) from None
-        if response.status_code in (401, 403):
+        with response:
+            return self._read_token(response, realm_host, credentials)
+
+    def _read_token(
+        self, response: requests.Response, realm_host: str, credentials: Credentials
+    ) -> tuple[str, float]:
+        status = response.status_code
+        if status in (401, 403):
             who = "the configured credentials were" if credentials else "anonymous access was"
             raise AuthenticationError(
-                f"token server refused: {who} rejected (HTTP {response.status_code})",
+                f"token server refused: {who} rejected (HTTP {status})",
                 registry=self.registry,
-                status=response.status_code,
+                status=status,
             )
-        if response.status_code >= 500 or response.status_code == 429:
+        asked = parse_retry_after(response.headers.get("Retry-After"))
+        if status == 429:
+            # The token server is rate limiting this client: every thread holds back.
+            self._gate.pause(realm_host, asked if asked is not None else DEFAULT_RATE_LIMIT_PAUSE)
+            raise RateLimitedError(
+                "token server answered HTTP 429", registry=self.registry, status=429,
+                retry_after=asked,
+            )
+        if status >= 500 or status == 408:
+            if asked is not None:
+                self._gate.pause(realm_host, asked)
             raise ServerError(
-                f"token server answered HTTP {response.status_code}",
+                f"token server answered HTTP {status}",
                 registry=self.registry,
-                status=response.status_code,
+                status=status,
+                retry_after=asked,
             )
         try:
             body = response.json()
             token = body.get("token") or body.get("access_token")
         except (ValueError, AttributeError):
             token = None
-        if response.status_code != 200 or not token:
+        if status != 200 or not token:
             raise AuthenticationError(
-                f"token server gave no token (HTTP {response.status_code})",
+                f"token server gave no token (HTTP {status})",
                 registry=self.registry,
-                status=response.status_code,
+                status=status,
             )
         return str(token), float(body.get("expires_in") or _DEFAULT_EXPIRES_IN)
 

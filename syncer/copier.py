@@ -10,30 +10,32 @@ destination upload while a SHA-256 runs over the bytes; nothing is held in memor
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import contextvars
 import json
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-import requests
-import urllib3
-
-from syncer.dedupe import BlobCoordinator, LocalBlobCoordinator
-from syncer.errors import (
-    IntegrityError,
-    NotFoundError,
-    RegistryError,
-    TimeLimitExceeded,
-    TransportError,
-)
+from syncer.blobstream import copy_blob
+from syncer.dedupe import BlobCoordinator, LocalBlobCoordinator, manifest_key
+from syncer.errors import NotFoundError, RegistryError, TimeLimitExceeded
 from syncer.mediatypes import INDEXES, Platform, PlatformFilter
 from syncer.reference import Reference
-from syncer.registry import STREAM_CHUNK, Manifest, Registries, RegistryClient, sha256_digest
+from syncer.registry import Manifest, Registries, RegistryClient, sha256_digest
+from syncer.retry import deadline_scope
 
 BLOB_WORKERS = 4  # blobs of one image copied at once
+# A manifest PUT refused because something it names is unknown: re-check and retry this often.
+PUSH_RECHECKS = 3
+# Error codes meaning "a manifest or blob this manifest names is not (yet) there".
+_UNKNOWN_CONTENT_CODES = frozenset(
+    {"MANIFEST_BLOB_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN", "DIGEST_INVALID"}
+)
+log = logging.getLogger("syncer.copier")
 # Layers that registries never store (Windows base layers): they are fetched from their URLs.
 _FOREIGN_MARKERS = ("foreign", "nondistributable")
 
@@ -102,6 +104,11 @@ class _Tally:
         self._on_bytes = on_bytes
         self._deadline = deadline
 
+    @property
+    def deadline(self) -> float | None:
+        """The copy's deadline (a ``time.monotonic()`` value), if any."""
+        return self._deadline
+
     def check_deadline(self) -> None:
         """Raise :class:`TimeLimitExceeded` once the deadline has passed."""
         if self._deadline is not None and time.monotonic() > self._deadline:
@@ -145,8 +152,13 @@ class ImageCopier:
         """Copy ``source`` to ``destination``; skip when the destination already matches.
 
         ``deadline`` (a ``time.monotonic()`` value) bounds the whole copy: past it the copy
-        stops between chunks with :class:`~syncer.errors.TimeLimitExceeded`.
+        stops between chunks with :class:`~syncer.errors.TimeLimitExceeded`, and no
+        request-level retry waits past it.
         """
+        with deadline_scope(deadline):
+            return self._copy(source, destination, platforms, force, on_bytes, deadline)
+
+    def _copy(self, source, destination, platforms, force, on_bytes, deadline) -> CopyResult:
         platforms = platforms or PlatformFilter()
         src = self.registries.client(source.registry)
         dst = self.registries.client(destination.registry)
@@ -174,10 +186,52 @@ class ImageCopier:
 
         with ThreadPoolExecutor(self.blob_workers, thread_name_prefix="blob") as pool:
             self._copy_tree(src, source, dst, destination, top, pool, tally)
-        dst.put_manifest(destination.repository, destination.tag or top.digest, top)
-        tally.add(manifests_pushed=1)
+            self._push_manifest(
+                src, source, dst, destination, top, destination.tag or top.digest, pool, tally
+            )
         result.digest = top.digest
         return result
+
+    def _push_manifest(
+        self, src, source, dst, destination, manifest: Manifest, reference: str, pool, tally
+    ) -> None:
+        """PUT ``manifest`` once everything it names is confirmed at the destination.
+
+        Distribution's filesystem driver rewrites a manifest's revision link in place
+        (truncate, then write) on every PUT of that manifest, and an index PUT validates each
+        child by reading that link. When two images of one run push the same child (``v2``
+        and ``v2-amd64``) while a third pushes the index, the index can read a half-written
+        link and is refused with ``MANIFEST_BLOB_UNKNOWN``/``DIGEST_INVALID``. So: pushes of
+        one manifest into one repository are serialised through the coordinator, and an
+        index is pushed while holding its children's locks (taken in sorted order, so two
+        indexes sharing children cannot deadlock). Should a registry still answer that a
+        referenced manifest or blob is unknown (another tool racing us), the children and
+        blobs are checked again, whatever is missing is copied, and the PUT is retried.
+        """
+        repository = destination.repository
+        children = _child_digests(manifest)
+        keys = sorted({manifest_key(repository, d) for d in (manifest.digest, *children)})
+        for attempt in range(1, PUSH_RECHECKS + 2):
+            tally.check_deadline()
+            try:
+                with contextlib.ExitStack() as held:
+                    for key in keys:
+                        held.enter_context(
+                            self.coordinator.lock(dst.registry, key, deadline=tally.deadline)
+                        )
+                    dst.put_manifest(repository, reference, manifest)
+            except RegistryError as exc:
+                if attempt > PUSH_RECHECKS or not _names_unknown_content(exc):
+                    raise
+                log.info(
+                    "push %s:%s refused (%s); re-checking what it names (%d/%d)",
+                    repository, reference, describe_codes(exc), attempt, PUSH_RECHECKS,
+                )
+                time.sleep(0.2 * attempt)
+                self._copy_tree(src, source, dst, destination, manifest, pool, tally)
+                continue
+            tally.add(manifests_pushed=1)
+            return
 
     def _copy_tree(self, src, source, dst, destination, manifest: Manifest, pool, tally) -> None:
         """Push everything ``manifest`` refers to (not ``manifest`` itself)."""
@@ -193,8 +247,9 @@ class ImageCopier:
                     continue
                 child = src.get_manifest(source.repository, child_desc["digest"])
                 self._copy_tree(src, source, dst, destination, child, pool, tally)
-                dst.put_manifest(destination.repository, child.digest, child)
-                tally.add(manifests_pushed=1)
+                self._push_manifest(
+                    src, source, dst, destination, child, child.digest, pool, tally
+                )
             return
         blobs = (
             [doc["config"], *doc.get("layers", [])]
@@ -204,6 +259,7 @@ class ImageCopier:
         unique = {d["digest"]: d for d in blobs if not _is_foreign(d)}
         futures = [
             pool.submit(
+                contextvars.copy_context().run,  # the deadline scope, in the pool's thread
                 self._copy_blob, src, source.repository, dst, destination.repository, d, tally
             )
             for d in unique.values()
@@ -227,7 +283,7 @@ class ImageCopier:
             tally.add(blobs_existing=1)
             self.coordinator.record(registry, dst_repo, digest)
             return
-        with self.coordinator.lock(registry, digest):
+        with self.coordinator.lock(registry, digest, deadline=tally.deadline):
             if dst.blob_exists(dst_repo, digest):  # uploaded by a concurrent copy meanwhile
                 tally.add(blobs_existing=1)
                 return
@@ -244,71 +300,13 @@ class ImageCopier:
             self.coordinator.record(registry, dst_repo, digest)
 
     def _stream_blob(self, src, src_repo, dst, dst_repo, digest, size, tally) -> None:
-        response = src.open_blob(src_repo, digest)
-        try:
-            if size < 0:
-                size = int(response.headers.get("Content-Length", "0"))
-            chunks = _verified_chunks(response, digest, size, src.registry, tally)
-
-            def reopen(offset: int) -> Iterator[bytes]:
-                return _resumed_chunks(src, src_repo, digest, offset, size, tally)
-
-            dst.upload_blob(dst_repo, digest, size, chunks, reopen=reopen)
-        finally:
-            response.close()
-
-
-def _counted_chunks(
-    response: requests.Response, digest: str, expected: int, registry: str, tally: _Tally
-) -> Iterator[bytes]:
-    """Yield the raw body in bounded chunks, counting them; raise on a broken or short body.
-
-    ``decode_content=False``: a blob is stored compressed; if storage labels it
-    ``Content-Encoding: gzip`` we must still pass the bytes through unchanged.
-    """
-    received = 0
-    try:
-        for chunk in response.raw.stream(STREAM_CHUNK, decode_content=False):
-            received += len(chunk)
-            tally.add(bytes_copied=len(chunk))
-            tally.bytes_moved(len(chunk))
-            yield chunk
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise TransportError(
-            f"blob {digest[:19]} read failed after {received} bytes: {type(exc).__name__}",
-            registry=registry,
-        ) from None
-    if received != expected:
-        raise IntegrityError(
-            f"blob {digest[:19]}: got {received} bytes, expected {expected}", registry=registry
+        """Stream one blob across, verified, resumed and restarted as needed
+        (:func:`syncer.blobstream.copy_blob`); progress is reported per chunk pushed."""
+        transfer = copy_blob(
+            src, src_repo, dst, dst_repo, digest, size,
+            on_bytes=tally.bytes_moved, deadline=tally.deadline,
         )
-
-
-def _verified_chunks(
-    response: requests.Response, digest: str, size: int, registry: str, tally: _Tally
-) -> Iterator[bytes]:
-    """The whole body in bounded chunks, hashed as it flows; raise if the digest differs."""
-    hasher = hashlib.sha256()
-    for chunk in _counted_chunks(response, digest, size, registry, tally):
-        hasher.update(chunk)
-        yield chunk
-    actual = "sha256:" + hasher.hexdigest()
-    if digest.startswith("sha256:") and actual != digest:
-        raise IntegrityError(
-            f"blob {digest[:19]}: content digest {actual[:19]} does not match", registry=registry
-        )
-
-
-def _resumed_chunks(
-    src: RegistryClient, repository: str, digest: str, offset: int, size: int, tally: _Tally
-) -> Iterator[bytes]:
-    """The blob from ``offset`` on (a Range GET), for resuming a chunked upload. Its bytes
-    are not hashed here: the upload's final ``?digest=`` has the registry check the whole."""
-    response = src.open_blob(repository, digest, offset)
-    try:
-        yield from _counted_chunks(response, digest, size - offset, src.registry, tally)
-    finally:
-        response.close()
+        tally.add(bytes_copied=transfer.size)
 
 
 def _try_mount(dst: RegistryClient, repository: str, digest: str, holder: str) -> bool:
@@ -321,6 +319,24 @@ def _try_mount(dst: RegistryClient, repository: str, digest: str, holder: str) -
         if exc.transient:
             raise
         return False
+
+
+def _child_digests(manifest: Manifest) -> tuple[str, ...]:
+    """The digests of the manifests an index names (empty for an image manifest)."""
+    if manifest.media_type not in INDEXES:
+        return ()
+    doc = json.loads(manifest.body)
+    return tuple(str(d["digest"]) for d in doc.get("manifests", []))
+
+
+def _names_unknown_content(exc: RegistryError) -> bool:
+    """True when a manifest PUT was refused because something it names is missing."""
+    return exc.status == 400 and bool(_UNKNOWN_CONTENT_CODES & set(exc.codes))
+
+
+def describe_codes(exc: RegistryError) -> str:
+    """The spec error codes of ``exc``, comma-separated (or its HTTP status)."""
+    return ",".join(exc.codes) or f"HTTP {exc.status}"
 
 
 def _is_foreign(descriptor: dict) -> bool:

@@ -103,6 +103,16 @@ class CredentialStore:
         return AuthEntry(prefix=registry, insecure=insecure, ca_file=ca_file)
 
     @property
+    def prefixes(self) -> tuple[str, ...]:
+        """The auth-file keys (``registry`` or ``registry/namespace``) as written."""
+        return tuple(entry.prefix for entry in self._entries)
+
+    @property
+    def docker_registries(self) -> tuple[str, ...]:
+        """Registries docker's config.json holds credentials for (normalised)."""
+        return tuple(sorted(self._docker_auths))
+
+    @property
     def secrets(self) -> tuple[str, ...]:
         """Every secret this store knows, for scrubbing log text."""
         found: list[str] = []

@@ -5,6 +5,10 @@ uploads while the other waits on a lock keyed by registry + digest, then mounts 
 it. A record of which repositories hold a digest feeds cross-repository mounts (a mount is
 a single POST instead of re-sending the bytes).
 
+The same lock serialises manifest pushes (key ``manifest:<repository>@<digest>``): two
+images of one run that share a child manifest must not write it at once (see
+:mod:`syncer.copier` for the distribution quirk that makes that matter).
+
 :class:`LocalBlobCoordinator` serves threads in one process; the distributed mode supplies
 one backed by Redis with the same methods (see ``syncer.redis_coordinator``).
 """
@@ -12,23 +16,35 @@ one backed by Redis with the same methods (see ``syncer.redis_coordinator``).
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
+
+from syncer.errors import TimeLimitExceeded
 
 
 class BlobCoordinator(Protocol):
     """What the copier needs to share blob work between concurrent copies."""
 
-    def lock(self, registry: str, digest: str) -> contextmanager:  # type: ignore[valid-type]
-        """Hold exclusive upload rights for ``digest`` on ``registry``."""
+    def lock(
+        self, registry: str, key: str, *, deadline: float | None = None
+    ) -> AbstractContextManager[None]:
+        """Hold exclusive rights for ``key`` (a blob digest, or ``manifest:<repo>@<digest>``)
+        on ``registry``. A waiter gives up with :class:`TimeLimitExceeded` at ``deadline``
+        (a ``time.monotonic()`` value)."""
 
     def holders(self, registry: str, digest: str) -> list[str]:
         """Repositories of ``registry`` known to hold ``digest`` (candidates to mount from)."""
 
     def record(self, registry: str, repository: str, digest: str) -> None:
         """Remember that ``repository`` on ``registry`` now holds ``digest``."""
+
+
+def manifest_key(repository: str, digest: str) -> str:
+    """The coordinator key that serialises pushes of one manifest into one repository."""
+    return f"manifest:{repository}@{digest}"
 
 
 class LocalBlobCoordinator:
@@ -40,12 +56,17 @@ class LocalBlobCoordinator:
         self._holders: dict[tuple[str, str], list[str]] = defaultdict(list)
 
     @contextmanager
-    def lock(self, registry: str, digest: str) -> Iterator[None]:
-        """Hold the upload lock for this registry + digest."""
+    def lock(self, registry: str, key: str, *, deadline: float | None = None) -> Iterator[None]:
+        """Hold the lock for this registry + key; wait no later than ``deadline``."""
         with self._guard:
-            key_lock = self._locks[(registry, digest)]
-        with key_lock:
+            key_lock = self._locks[(registry, key)]
+        timeout = -1 if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not key_lock.acquire(timeout=timeout):
+            raise TimeLimitExceeded(f"time limit exceeded waiting for {key} on {registry}")
+        try:
             yield
+        finally:
+            key_lock.release()
 
     def holders(self, registry: str, digest: str) -> list[str]:
         """Known repositories holding the blob, most recent first."""

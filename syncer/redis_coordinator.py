@@ -1,60 +1,95 @@
 """Blob dedupe across worker processes and hosts, in Redis (see :mod:`syncer.dedupe`).
 
-- ``syncer:bloblock:<registry>:<digest>``: an upload lock (``SET NX PX``) with a random
-  token, kept alive by a watchdog thread while the upload runs and released by a
-  compare-and-delete script. If its holder dies the lock expires after ``lock_ttl``
+- ``syncer:bloblock:<registry>:<key>``: an exclusive lock — redis-py's :class:`redis.lock.Lock`
+  (``SET NX PX`` with a random token, Lua compare-and-delete release) — keyed by a blob digest
+  or any string such as ``manifest:<repo>@<digest>``. A watchdog thread resets its TTL with
+  the lock's atomic ``reacquire`` (a Lua script that checks the token and sets the TTL in one
+  step) while the holder works; if the holder dies the lock expires after ``lock_ttl``
   seconds, and a waiter takes over.
 - ``syncer:blobrepos:<registry>:<digest>``: a set of destination repositories known to hold
   the blob — cross-repository mount candidates for every worker.
+
+A waiter never waits past the copy's deadline (it raises
+:class:`~syncer.errors.TimeLimitExceeded` then) nor longer than ``max_wait``; past
+``max_wait``, or when Redis fails, it goes on *unlocked*: a duplicate upload of the same
+content-addressed blob is safe, only wasteful.
 """
 
 from __future__ import annotations
 
 import contextlib
-import secrets
+import logging
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import redis
+from redis.exceptions import LockError
+from redis.lock import Lock
 
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+from syncer.errors import TimeLimitExceeded
+
 HOLDERS_TTL = 7 * 24 * 3600
+log = logging.getLogger(__name__)
 
 
 class RedisBlobCoordinator:
-    """Implements :class:`syncer.dedupe.BlobCoordinator` over Redis."""
+    """Implements :class:`syncer.dedupe.BlobCoordinator` over Redis.
+
+    ``lock_ttl``: seconds a lock outlives a holder that stopped refreshing it (died) — no
+    longer than it takes the liveness layer to enqueue a dead worker's jobs again (30-50 s),
+    so that the recovered copy does not wait on its predecessor's lock;
+    ``poll``: seconds between a waiter's tries; ``max_wait``: the longest a waiter waits for a
+    live holder before going on unlocked, whatever its deadline.
+    """
 
     def __init__(
         self,
         client: redis.Redis,
         *,
-        lock_ttl: float = 60.0,
+        lock_ttl: float = 30.0,
         poll: float = 0.2,
-        max_wait: float = 3600.0,
+        max_wait: float = 1800.0,
     ):
         self.redis = client
         self.lock_ttl = lock_ttl
         self.poll = poll
         self.max_wait = max_wait
-        self._release = client.register_script(_RELEASE)
 
     @contextmanager
-    def lock(self, registry: str, digest: str) -> Iterator[None]:
-        """Hold the upload lock for ``digest`` on ``registry`` (waits while another holds it)."""
-        key = f"syncer:bloblock:{registry}:{digest}"
-        token = secrets.token_hex(16)
-        ttl_ms = int(self.lock_ttl * 1000)
-        if not self._acquire(key, token, ttl_ms):
-            yield  # Redis unreachable: go on unlocked (a duplicate upload is safe, only wasteful)
+    def lock(self, registry: str, key: str, *, deadline: float | None = None) -> Iterator[None]:
+        """Hold the lock for ``key`` on ``registry`` (waits while another holds it).
+
+        Raises :class:`TimeLimitExceeded` when ``deadline`` (a ``time.monotonic()`` value)
+        comes first; goes on unlocked when ``max_wait`` passes or Redis fails.
+        """
+        name = f"syncer:bloblock:{registry}:{key}"
+        # thread_local=False: the token must be visible to the watchdog thread that extends it.
+        lock = self.redis.lock(
+            name, timeout=self.lock_ttl, sleep=self.poll, thread_local=False,
+            raise_on_release_error=False,
+        )
+        limit = self.max_wait
+        if deadline is not None:
+            limit = min(limit, deadline - time.monotonic())
+        try:
+            acquired = limit > 0 and lock.acquire(blocking=True, blocking_timeout=limit)
+            if not acquired and limit <= 0:
+                acquired = lock.acquire(blocking=False)  # free right now: take it anyway
+        except redis.RedisError as exc:
+            log.warning("lock %s: Redis unavailable (%s); going on unlocked", name, exc)
+            yield
+            return
+        if not acquired:
+            if deadline is not None and time.monotonic() + self.poll >= deadline:
+                raise TimeLimitExceeded(f"time limit exceeded waiting for {key} on {registry}")
+            log.warning("lock %s: still held after %.0fs; going on unlocked", name, limit)
+            yield
             return
         stop = threading.Event()
         watchdog = threading.Thread(
-            target=self._keep_alive, args=(key, token, ttl_ms, stop), daemon=True
+            target=self._keep_alive, args=(lock, stop), name=f"keep-alive {key}", daemon=True
         )
         watchdog.start()
         try:
@@ -62,29 +97,18 @@ class RedisBlobCoordinator:
         finally:
             stop.set()
             watchdog.join()
-            with contextlib.suppress(redis.RedisError):
-                self._release(keys=[key], args=[token])
+            with contextlib.suppress(LockError, redis.RedisError):
+                lock.release()
 
-    def _acquire(self, key: str, token: str, ttl_ms: int) -> bool:
-        """Wait for the lock; False when Redis fails or waiting takes longer than max_wait."""
-        deadline = time.monotonic() + self.max_wait
-        try:
-            while not self.redis.set(key, token, nx=True, px=ttl_ms):
-                if time.monotonic() > deadline:
-                    return False
-                time.sleep(self.poll)
-        except redis.RedisError:
-            return False
-        return True
-
-    def _keep_alive(self, key: str, token: str, ttl_ms: int, stop: threading.Event) -> None:
+    def _keep_alive(self, lock: Lock, stop: threading.Event) -> None:
+        """Reset the lock's TTL every third of it, atomically and only while we own it."""
         while not stop.wait(self.lock_ttl / 3):
             try:
-                if self.redis.get(key) not in (token, token.encode()):
-                    return
-                self.redis.pexpire(key, ttl_ms)
+                lock.reacquire()
+            except LockError:
+                return  # expired and taken by another: the work goes on, unlocked (safe)
             except redis.RedisError:
-                return
+                continue  # a Redis blip: try again next round, the TTL still has 2/3 left
 
     def holders(self, registry: str, digest: str) -> list[str]:
         """Destination repositories known to hold the blob."""

@@ -3,12 +3,17 @@
 Keys (all under ``syncer:run:<run_id>:``, expiring ``ttl`` seconds after the last write):
 
 - ``meta``     hash: created_at, finished_at, total, retries
-- ``jobs``     hash: job id → ``{"source", "destination"}`` JSON
+- ``jobs``     hash: job id → the job as JSON (:meth:`Job.to_dict`; a planner failure:
+  ``{"source", "destination", "reason"}``) — what a reaper needs to enqueue it again
 - ``state``    hash: job id → pending | running | retrying | synced | skipped | failed
 - ``reason``   hash: job id → last error text
 - ``digest``   hash: job id → manifest digest pushed/found
 - ``attempts`` hash: job id → attempts started
 - ``worker``   hash: job id → node name of the worker that last started it
+- ``holder``   hash: job id → liveness instance (see ``workers.liveness``) that last started it
+- ``lost``     hash: job id → starts that never reached an outcome (their worker was lost)
+- ``activity`` counter of bytes moved by copies in flight (``syncer plan --wait`` reads it to
+  tell a long copy from a stalled run)
 - ``final``    set of job ids in a final state — the idempotence guard: a final state and its
   byte counters are written by one Lua script only when ``SADD`` adds the id, so a redelivered
   or retried task can never count twice.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 import redis
 
@@ -31,34 +37,115 @@ from syncer.ledger import COUNTERS, JobRecord, RunSummary, tally_records
 DEFAULT_TTL = 7 * 24 * 3600
 RUNS_KEY = "syncer:runs"
 
-# KEYS: final, state, reason, digest, counters, meta   ARGV: job id, state, reason, digest,
-# now, then counter name/value pairs. Returns 1 when this call made the job final.
-_FINALISE = """
-if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[4], ARGV[1], ARGV[4])
-for i = 6, #ARGV, 2 do
-  redis.call('HINCRBY', KEYS[5], ARGV[i], tonumber(ARGV[i + 1]))
+# Makes a job final once: its state, reason, digest and byte counters are written only when
+# SADD adds the id to ``final``. Shared by the scripts below. Returns true when it did.
+_FINALISE_FUNCTION = """
+local function finalise(k_final, k_state, k_reason, k_digest, k_meta, job, state, reason,
+                        digest, now)
+  if redis.call('SADD', k_final, job) == 0 then return false end
+  redis.call('HSET', k_state, job, state)
+  redis.call('HSET', k_reason, job, reason)
+  redis.call('HSET', k_digest, job, digest)
+  local total = tonumber(redis.call('HGET', k_meta, 'total') or '0')
+  if redis.call('SCARD', k_final) >= total then
+    redis.call('HSETNX', k_meta, 'finished_at', now)
+  end
+  return true
 end
-local total = tonumber(redis.call('HGET', KEYS[6], 'total') or '0')
-if redis.call('SCARD', KEYS[1]) >= total then
-  redis.call('HSETNX', KEYS[6], 'finished_at', ARGV[5])
+local function lost_reason(count)
+  if count == 1 then return 'worker lost 1 time' end
+  return 'worker lost ' .. count .. ' times'
+end
+"""
+
+# KEYS: final, state, reason, digest, meta, counters   ARGV: job id, state, reason, digest,
+# now, then counter name/value pairs. Returns 1 when this call made the job final.
+_FINALISE = _FINALISE_FUNCTION + """
+if not finalise(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2], ARGV[3],
+                ARGV[4], ARGV[5]) then return 0 end
+for i = 6, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[6], ARGV[i], tonumber(ARGV[i + 1]))
 end
 return 1
 """
 
-# Only move a job to running/retrying while it is not final: a late duplicate stays quiet
-# (and does not take the job's worker over). KEYS: final, state, reason, attempts, worker
-# ARGV: job id, state, reason, worker
-_TRANSIENT_STATE = """
+# A start. A job already final is left alone ('final': the caller acknowledges the message
+# without copying). A job still 'running' when it starts again had a start that never reached
+# an outcome: its worker was lost (a prefork child killed, requeued at once by Celery; or a
+# redelivery). That counts in ``lost``; past the cap (ARGV[4], -1 = none) the job becomes
+# failed ('capped'). KEYS: final, state, reason, digest, meta, attempts, worker, holder, lost
+# ARGV: job id, worker, holder, cap, now, ttl. Returns {verdict, lost count}.
+_START = _FINALISE_FUNCTION + """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return {'final', 0} end
+local lost = tonumber(redis.call('HGET', KEYS[9], ARGV[1]) or '0')
+if redis.call('HGET', KEYS[2], ARGV[1]) == 'running' then
+  lost = redis.call('HINCRBY', KEYS[9], ARGV[1], 1)
+  redis.call('EXPIRE', KEYS[9], ARGV[6])
+  local cap = tonumber(ARGV[4])
+  if cap >= 0 and lost > cap then
+    finalise(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], 'failed',
+             lost_reason(lost), '', ARGV[5])
+    return {'capped', lost}
+  end
+end
+redis.call('HSET', KEYS[2], ARGV[1], 'running')
+redis.call('HINCRBY', KEYS[6], ARGV[1], 1)
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[7], ARGV[1], ARGV[2]) end
+redis.call('HSET', KEYS[8], ARGV[1], ARGV[3])
+redis.call('EXPIRE', KEYS[8], ARGV[6])
+return {'run', lost}
+"""
+
+# The reaper found the job among the holdings of a lost worker instance (ARGV[2]).
+# 'final': nothing to do. 'elsewhere': it is running on another instance, which holds it.
+# Running on the lost instance: a start without outcome — count it (past the cap: 'capped',
+# failed), set it pending again and answer 'requeue'. Pending or retrying (a prefetched or
+# countdown message that died with the worker): 'requeue' without counting.
+# KEYS: final, state, reason, digest, meta, holder, lost   ARGV: job id, instance, cap, now,
+# reason to note, ttl. Returns {verdict, lost count}.
+_LOST = _FINALISE_FUNCTION + """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return {'final', 0} end
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= 'running' then return {'requeue', 0} end
+if redis.call('HGET', KEYS[6], ARGV[1]) ~= ARGV[2] then return {'elsewhere', 0} end
+local lost = redis.call('HINCRBY', KEYS[7], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[7], ARGV[6])
+local cap = tonumber(ARGV[3])
+if cap >= 0 and lost > cap then
+  finalise(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], 'failed', lost_reason(lost),
+           '', ARGV[4])
+  return {'capped', lost}
+end
+redis.call('HSET', KEYS[2], ARGV[1], 'pending')
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
+return {'requeue', lost}
+"""
+
+# Only move a job to retrying while it is not final: a late duplicate stays quiet.
+# KEYS: final, state, reason   ARGV: job id, reason
+_RETRYING = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[3]) end
-if ARGV[2] == 'running' then redis.call('HINCRBY', KEYS[4], ARGV[1], 1) end
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[5], ARGV[1], ARGV[4]) end
+redis.call('HSET', KEYS[2], ARGV[1], 'retrying')
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 return 1
 """
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What :meth:`RedisLedger.mark_running` or :meth:`RedisLedger.note_lost` decided.
+
+    ``action``: ``run`` (go ahead), ``final`` (already final: do nothing), ``capped`` (the
+    job's worker was lost more often than allowed: it is now failed), ``requeue`` (enqueue it
+    again), ``elsewhere`` (another live worker runs it). ``lost``: the job's lost starts.
+    """
+
+    action: str
+    lost: int = 0
+
+    @classmethod
+    def from_reply(cls, reply) -> Verdict:
+        """Build from a script's ``{verdict, lost}`` reply."""
+        return cls(_text(reply[0]), int(reply[1]))
 
 
 class RunNotFound(LookupError):
@@ -74,7 +161,9 @@ class RedisLedger:
         self.ttl = ttl
         self._prefix = f"syncer:run:{run_id}:"
         self._finalise = client.register_script(_FINALISE)
-        self._transient = client.register_script(_TRANSIENT_STATE)
+        self._start = client.register_script(_START)
+        self._lost = client.register_script(_LOST)
+        self._retrying = client.register_script(_RETRYING)
 
     def key(self, name: str) -> str:
         """The Redis key of one part of this run's record."""
@@ -89,8 +178,11 @@ class RedisLedger:
             "digest",
             "attempts",
             "worker",
+            "holder",
+            "lost",
             "final",
             "counters",
+            "activity",
         )
         return [self.key(n) for n in names]
 
@@ -108,11 +200,7 @@ class RedisLedger:
         )
         pipe.hset(self.key("counters"), mapping=dict.fromkeys(COUNTERS, 0))
         for item in [*jobs, *failures]:
-            pipe.hset(
-                self.key("jobs"),
-                item.id,
-                json.dumps({"source": item.source, "destination": item.destination}),
-            )
+            pipe.hset(self.key("jobs"), item.id, json.dumps(item.to_dict()))
         for job in jobs:
             pipe.hsetnx(self.key("state"), job.id, "pending")
         for failure in failures:
@@ -129,26 +217,62 @@ class RedisLedger:
         """True when the run was created and has not expired."""
         return bool(self.redis.exists(self.key("meta")))
 
-    def mark_running(self, job_id: str, worker: str = "") -> None:
-        """An attempt started (on node ``worker``)."""
-        self._transient(keys=self._transient_keys(), args=[job_id, "running", "", worker])
+    def mark_running(
+        self, job_id: str, worker: str = "", *, holder: str = "",
+        max_redeliveries: int | None = None,
+    ) -> Verdict:
+        """An attempt starts on node ``worker`` (liveness instance ``holder``).
+
+        Returns ``final`` for a job already final (a late duplicate: do not copy), ``capped``
+        when this start found the job's worker lost more than ``max_redeliveries`` times
+        (the job is now failed with the reason "worker lost N times"), else ``run``.
+        """
+        cap = -1 if max_redeliveries is None else max_redeliveries
+        keys = self._script_keys("final", "state", "reason", "digest", "meta", "attempts",
+                                 "worker", "holder", "lost")
+        reply = self._start(keys=keys, args=[job_id, worker, holder, cap, time.time(), self.ttl])
+        verdict = Verdict.from_reply(reply)
+        if verdict.action == "capped":
+            self._touch_all()
+        return verdict
+
+    def note_lost(
+        self, job_id: str, holder: str, *, max_redeliveries: int | None = None,
+        reason: str = "",
+    ) -> Verdict:
+        """A reaper found ``job_id`` held by the lost liveness instance ``holder``.
+
+        Returns ``requeue`` (enqueue it again; a start of it on ``holder`` is counted lost
+        and the job is pending again with ``reason``), ``capped`` (failed: lost too often),
+        ``final`` or ``elsewhere`` (nothing to do).
+        """
+        cap = -1 if max_redeliveries is None else max_redeliveries
+        keys = self._script_keys("final", "state", "reason", "digest", "meta", "holder", "lost")
+        reply = self._lost(keys=keys, args=[job_id, holder, cap, time.time(), reason, self.ttl])
+        verdict = Verdict.from_reply(reply)
+        if verdict.action == "capped":
+            self._touch_all()
+        return verdict
 
     def mark_retrying(self, job_id: str, reason: str) -> None:
         """A transient failure; another attempt is scheduled."""
-        self._transient(keys=self._transient_keys(), args=[job_id, "retrying", reason, ""])
+        self._retrying(keys=self._script_keys("final", "state", "reason"), args=[job_id, reason])
 
-    def _transient_keys(self) -> list[str]:
-        return [self.key(n) for n in ("final", "state", "reason", "attempts", "worker")]
+    def _script_keys(self, *names: str) -> list[str]:
+        return [self.key(n) for n in names]
+
+    def _touch_all(self) -> None:
+        pipe = self.redis.pipeline()
+        self._touch(pipe)
+        pipe.execute()
 
     def _final(self, job_id: str, state: str, reason: str, digest: str, counts: dict) -> bool:
         args: list = [job_id, state, reason, digest, time.time()]
         for name in COUNTERS:
             args += [name, int(counts.get(name, 0))]
-        keys = [self.key(n) for n in ("final", "state", "reason", "digest", "counters", "meta")]
+        keys = self._script_keys("final", "state", "reason", "digest", "meta", "counters")
         made_final = bool(self._finalise(keys=keys, args=args))
-        pipe = self.redis.pipeline()
-        self._touch(pipe)
-        pipe.execute()
+        self._touch_all()
         return made_final
 
     def mark_done(self, job_id: str, result: dict) -> bool:
@@ -164,6 +288,33 @@ class RedisLedger:
     def is_final(self, job_id: str) -> bool:
         """True when the job already reached a final state."""
         return bool(self.redis.sismember(self.key("final"), job_id))
+
+    def job(self, job_id: str) -> Job | None:
+        """The job ``job_id`` as planned (None if the run has no such job)."""
+        raw = self.redis.hget(self.key("jobs"), job_id)
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return None if "reason" in data else Job.from_dict(data)
+
+    def retries(self) -> int:
+        """The run's ``--retries`` (transient failures retried per image)."""
+        return int(self.redis.hget(self.key("meta"), "retries") or 0)
+
+    def losses(self, job_id: str) -> int:
+        """How many starts of ``job_id`` never reached an outcome (their worker was lost)."""
+        return int(self.redis.hget(self.key("lost"), job_id) or 0)
+
+    def add_activity(self, nbytes: int) -> None:
+        """Bytes moved by a copy in flight (progress that the final counters show only later)."""
+        pipe = self.redis.pipeline()
+        pipe.incrby(self.key("activity"), int(nbytes))
+        pipe.expire(self.key("activity"), self.ttl)
+        pipe.execute()
+
+    def activity(self) -> int:
+        """The bytes-in-flight counter (grows while any copy of the run moves bytes)."""
+        return int(self.redis.get(self.key("activity")) or 0)
 
     def records(self) -> list[JobRecord]:
         """Every job's record."""

@@ -7,11 +7,15 @@ auth and error mapping live in :mod:`syncer.transport`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import logging
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import parse_qsl, urlencode, urljoin, urlparse, urlunparse
 
 import requests
@@ -19,13 +23,18 @@ import requests
 from syncer.auth import repository_scope
 from syncer.credentials import CredentialStore
 from syncer.errors import IntegrityError, RegistryError, TransportError, UnsupportedManifestError
+from syncer.hostgate import Gate, HostGate
 from syncer.mediatypes import MANIFEST_ACCEPT, SCHEMA1, SUPPORTED, detect_media_type
+from syncer.retry import REQUEST_RETRIES, current_deadline
 from syncer.transport import DEFAULT_TIMEOUT, Transport
 
 STREAM_CHUNK = 1024 * 1024  # bytes read from a source blob at a time (the memory bound)
 CHUNKED_UPLOAD_THRESHOLD = 512 * 1024 * 1024  # above this, upload in PATCH chunks
 UPLOAD_CHUNK = 128 * 1024 * 1024  # size of one PATCH when uploading in chunks
-MAX_UPLOAD_RESUMES = 3  # transient PATCH failures resumed within one upload
+# Transient PATCH failures resumed in a row, without a PATCH going through (shared backoff).
+UPLOAD_RESUMES = dataclasses.replace(REQUEST_RETRIES, max_retries=5)
+log = logging.getLogger(__name__)
+_UPLOAD_RANGE_RE = re.compile(r"^\s*(?:bytes=)?0-(\d+)\s*$")
 _LINK_RE = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 _PAGE_SIZE = 1000
 
@@ -54,9 +63,16 @@ def _with_query(url: str, **params: str) -> str:
 class RegistryClient:
     """The API of one registry. Thread-safe: share one per registry within a process."""
 
-    def __init__(self, registry: str, store: CredentialStore, *, timeout=DEFAULT_TIMEOUT):
+    def __init__(
+        self,
+        registry: str,
+        store: CredentialStore,
+        *,
+        timeout=DEFAULT_TIMEOUT,
+        gate: Gate | None = None,
+    ):
         self.registry = registry
-        self.transport = Transport(registry, store, timeout=timeout)
+        self.transport = Transport(registry, store, timeout=timeout, gate=gate)
 
     # -- listing -----------------------------------------------------------------------------
 
@@ -128,7 +144,26 @@ class RegistryClient:
         return self.get_manifest(repository, reference).digest
 
     def get_manifest(self, repository: str, reference: str) -> Manifest:
-        """GET a manifest; verify it when fetched by digest; refuse schema1."""
+        """GET a manifest; verify it when fetched by digest; refuse schema1.
+
+        A body that does not match the digest asked for (corrupted on the way) is fetched
+        again in place, under the request policy. Only that case is retried here: every
+        other transient fault was already retried by the transport, and stacking the two
+        loops would multiply the budgets.
+        """
+        retries_done = 0
+        while True:
+            try:
+                return self._get_manifest_once(repository, reference)
+            except IntegrityError as exc:
+                wait = REQUEST_RETRIES.next_delay(retries_done, exc, deadline=current_deadline())
+                if wait is None:
+                    raise
+                retries_done += 1
+                log.info("%s: refetching manifest %s (%s)", self.registry, reference, exc)
+                time.sleep(wait)
+
+    def _get_manifest_once(self, repository: str, reference: str) -> Manifest:
         what = f"get manifest {repository}:{reference}"
         response = self.transport.request(
             "GET",
@@ -194,8 +229,13 @@ class RegistryClient:
         return response.status_code == 200
 
     def open_blob(self, repository: str, digest: str, offset: int = 0) -> requests.Response:
-        """Start a streaming GET of a blob, from ``offset`` on (a ``Range`` request answered
-        206). Redirects to storage are followed without credentials."""
+        """Start a streaming GET of a blob, from ``offset`` on (a ``Range`` request).
+
+        A ranged GET is answered ``206`` — or ``200`` with the whole body by a registry that
+        ignores ``Range`` (RFC 9110 allows it); the caller checks ``Content-Range`` (see
+        :class:`syncer.blobstream.BlobReader`). Redirects to storage are followed without
+        credentials, keeping the ``Range`` header.
+        """
         return self.transport.request(
             "GET",
             f"/v2/{repository}/blobs/{digest}",
@@ -204,7 +244,7 @@ class RegistryClient:
             what=f"get blob {digest[:19]}" + (f" from {offset}" if offset else ""),
             stream=True,
             headers={"Range": f"bytes={offset}-"} if offset else None,
-            ok=(206,) if offset else (200,),
+            ok=(200, 206) if offset else (200,),
         )
 
     def mount_blob(self, repository: str, digest: str, from_repository: str) -> bool:
@@ -235,6 +275,7 @@ class RegistryClient:
         return False
 
     def _abort_upload(self, repository: str, location: str) -> None:
+        """DELETE an upload session (best effort: the registry purges stale ones anyway)."""
         with contextlib.suppress(Exception):
             self.transport.request(
                 "DELETE",
@@ -246,24 +287,24 @@ class RegistryClient:
                 allow=(404,),
             ).close()
 
-    def upload_blob(
-        self,
-        repository: str,
-        digest: str,
-        size: int,
-        chunks: Iterable[bytes],
-        reopen: Callable[[int], Iterable[bytes]] | None = None,
-    ) -> None:
-        """Upload a blob from an iterator of byte chunks, never holding it whole.
+    def upload_blob(self, repository: str, digest: str, source: UploadSource) -> int:
+        """Upload blob ``digest`` in one session, reading it from ``source``; return how many
+        times a broken PATCH was resumed.
 
-        Monolithic (POST, then one streamed PUT ``?digest=``) up to the chunked threshold;
-        beyond it, or when the registry sets ``OCI-Chunk-Min-Length``, PATCH in chunks with
-        ``Content-Range`` and close with an empty PUT. A chunked upload whose PATCH fails
-        transiently resumes where the registry says it stands, with ``reopen(offset)``
-        giving the bytes from there on; the final ``?digest=`` makes the registry check the
-        whole blob.
+        Monolithic (POST, then one PUT ``?digest=`` with ``Content-Length``: streamed, or as
+        bytes when the blob fits in :data:`STREAM_CHUNK`) up to
+        :data:`CHUNKED_UPLOAD_THRESHOLD`; beyond it, or when the registry sets
+        ``OCI-Chunk-Min-Length``, PATCHes of :data:`UPLOAD_CHUNK` bytes with
+        ``Content-Range``, closed by an empty PUT ``?digest=``. A PATCH that fails
+        transiently is resumed where the session's status says the registry stands
+        (``source.seek``), at most ``UPLOAD_RESUMES.max_retries`` times in a row without a
+        PATCH going through (each one that does renews the budget). Anything else — a broken
+        PUT, a lost session, a source failure — aborts (DELETEs) the session and raises, for
+        the caller to restart this blob (:func:`syncer.blobstream.copy_blob`). The final
+        ``?digest=`` has the registry check the whole blob too.
         """
         scopes = (repository_scope(repository, "pull,push"),)
+        size = source.size
         started = self.transport.request(
             "POST",
             f"/v2/{repository}/blobs/uploads/",
@@ -275,14 +316,21 @@ class RegistryClient:
         started.close()
         location = urljoin(self.transport.base_url + "/", started.headers["Location"])
         min_chunk = int(started.headers.get("OCI-Chunk-Min-Length") or 0)
+        resumes = 0
         try:
             if size > CHUNKED_UPLOAD_THRESHOLD or min_chunk:
-                location = self._patch_chunks(
-                    repository, location, chunks, size, max(UPLOAD_CHUNK, min_chunk), reopen
+                location, resumes = self._patch_chunks(
+                    repository, location, source, max(UPLOAD_CHUNK, min_chunk)
                 )
                 body = None
+            elif size <= STREAM_CHUNK:
+                # No bigger than the one chunk the reader holds anyway: verified whole before
+                # the PUT starts, and as bytes it can be replayed in place by the transport
+                # instead of restarting the session. (read(0) checks an empty blob's digest.)
+                body = b"".join(source.read(size))
             else:
-                body = _SizedStream(chunks, size)
+                # Content-Length from _SizedStream: never chunked transfer encoding.
+                body = _SizedStream(source.read(size), size)
             self.transport.request(
                 "PUT",
                 _with_query(location, digest=digest),
@@ -296,23 +344,20 @@ class RegistryClient:
         except BaseException:
             self._abort_upload(repository, location)
             raise
+        return resumes
 
     def _patch_chunks(
-        self,
-        repository: str,
-        location: str,
-        chunks: Iterable[bytes],
-        size: int,
-        chunk_size: int,
-        reopen: Callable[[int], Iterable[bytes]] | None,
-    ) -> str:
-        """PATCH ``size`` bytes in ``chunk_size`` pieces, in order; return the last Location."""
+        self, repository: str, location: str, source: UploadSource, chunk_size: int
+    ) -> tuple[str, int]:
+        """PATCH the rest of ``source`` in ``chunk_size`` pieces, in order, resuming broken
+        ones from the session's status; return the last Location and the resumes used."""
         scopes = (repository_scope(repository, "pull,push"),)
-        reader = _ByteReader(chunks)
-        offset = 0
-        resumes = 0
+        size = source.size
+        offset = source.tell()
+        resumes = streak = 0  # streak: failures since the last PATCH that went through
         while offset < size:
             length = min(chunk_size, size - offset)
+            body = _SizedStream(source.read(length), length)
             try:
                 response = self.transport.request(
                     "PATCH",
@@ -325,23 +370,54 @@ class RegistryClient:
                         "Content-Type": "application/octet-stream",
                         "Content-Range": f"{offset}-{offset + length - 1}",
                     },
-                    data=_SizedStream(reader.take(length), length),
+                    data=body,
                 )
             except RegistryError as exc:
-                if not (exc.transient and reopen and resumes < MAX_UPLOAD_RESUMES):
+                if body.failure is not None or not exc.transient:
+                    raise  # the source failed, or the session is gone: not resumable here
+                wait = UPLOAD_RESUMES.next_delay(streak, exc, deadline=current_deadline())
+                if wait is None:
                     raise
                 resumes += 1
-                offset, location = self._upload_progress(repository, location)
-                reader = _ByteReader(reopen(offset))
+                streak += 1
+                log.info(
+                    "upload %s at %s: chunk at %d failed (%s); resuming in %.2fs (%d/%d in a row)",
+                    repository, self.registry, offset, exc, wait, streak,
+                    UPLOAD_RESUMES.max_retries,
+                )
+                time.sleep(wait)
+                held, location = self._upload_progress(repository, location, offset)
+                # Never less than it acknowledged, never more than we sent. distribution 2.8
+                # does not check a PATCH's Content-Range (it appends whatever comes), so a
+                # wrong offset here would corrupt the blob rather than fail with 416.
+                if not offset <= held <= source.tell():
+                    raise RegistryError(
+                        f"upload {location.rsplit('/', 1)[-1][:36]}: registry holds {held} "
+                        f"bytes, expected {offset} to {source.tell()}",
+                        registry=self.registry,
+                        status=416,
+                    ) from exc
+                source.seek(held)
+                offset = held
                 continue
             response.close()
             offset += length
+            streak = 0
+            source.confirm(offset)
             location = urljoin(location, response.headers.get("Location", location))
-        return location
+        return location, resumes
 
-    def _upload_progress(self, repository: str, location: str) -> tuple[int, str]:
+    def _upload_progress(self, repository: str, location: str, confirmed: int) -> tuple[int, str]:
         """Ask an upload session how many bytes it holds (``GET <location>`` → 204 with
-        ``Range: 0-<last>``); return the offset to resume at and the session's Location."""
+        ``Range: 0-<last>``); return that count and the session's new Location.
+
+        distribution (2.8, ``blobUploadResponse``) clamps the end of that range at 0, so it
+        answers ``Range: 0-0`` both for an empty session and for one holding a single byte.
+        ``confirmed`` (bytes the registry acknowledged before) settles it: ``0-0`` is 0 bytes
+        unless a byte was already acknowledged. (Could the registry hold exactly one byte of
+        a PATCH it never acknowledged? Not distribution: it refuses a Location whose state
+        no longer matches what it holds, 404 BLOB_UPLOAD_INVALID, and the blob restarts.)
+        """
         response = self.transport.request(
             "GET",
             location,
@@ -351,58 +427,85 @@ class RegistryClient:
             ok=(204,),
         )
         response.close()
-        received = response.headers.get("Range", "")
-        _, _, last = received.partition("-")
-        offset = int(last) + 1 if last.isdigit() else 0
-        return offset, urljoin(location, response.headers.get("Location", location))
+        held = _held_bytes(response.headers.get("Range", ""), confirmed)
+        return held, urljoin(location, response.headers.get("Location", location))
 
     def close(self) -> None:
         """Close the underlying connections."""
         self.transport.close()
 
 
+class UploadSource(Protocol):
+    """What :meth:`RegistryClient.upload_blob` reads a blob from (implemented by
+    :class:`syncer.blobstream.BlobReader`): a positioned, verified stream of the blob."""
+
+    size: int
+
+    def tell(self) -> int:
+        """Offset of the next byte :meth:`read` yields."""
+        ...
+
+    def read(self, count: int) -> Iterator[bytes]:
+        """The next ``count`` bytes in bounded chunks (raising rather than yielding a blob
+        whose digest does not match)."""
+        ...
+
+    def seek(self, offset: int) -> None:
+        """Go back to ``offset`` (bytes the registry reports it holds)."""
+        ...
+
+    def confirm(self, offset: int) -> None:
+        """The registry acknowledged every byte before ``offset``."""
+        ...
+
+
+def _held_bytes(range_header: str, confirmed: int) -> int:
+    """Bytes an upload session holds, from its ``Range: 0-<last>`` (see
+    :meth:`RegistryClient._upload_progress` for the ``0-0`` ambiguity); 0 when absent."""
+    match = _UPLOAD_RANGE_RE.match(range_header)
+    if not match:
+        return 0
+    last = int(match[1])
+    if last == 0 and confirmed == 0:
+        return 0
+    return last + 1
+
+
 class _SizedStream:
     """An iterable body with a known length, so requests sends Content-Length, not chunked
-    transfer encoding (some registries and proxies reject chunked uploads)."""
+    transfer encoding (some registries and proxies reject chunked uploads). ``failure``
+    records an exception raised by the chunk source itself, to tell it apart from a
+    failure of the request."""
 
     def __init__(self, chunks: Iterable[bytes], size: int):
         self._chunks = chunks
         self.size = size
+        self.failure: BaseException | None = None
 
     def __len__(self) -> int:
         return self.size
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._chunks)
-
-
-class _ByteReader:
-    """Hands out consecutive exact-size windows of a chunk stream, buffering at most one
-    source chunk (the remainder of a chunk that straddles two windows)."""
-
-    def __init__(self, chunks: Iterable[bytes]):
-        self._iterator = iter(chunks)
-        self._leftover = b""
-
-    def take(self, count: int) -> Iterator[bytes]:
-        """Yield exactly ``count`` bytes (fewer only if the source ends early)."""
-        while count > 0:
-            piece = self._leftover or next(self._iterator, b"")
-            self._leftover = b""
-            if not piece:
-                return
-            if len(piece) > count:
-                piece, self._leftover = piece[:count], piece[count:]
-            count -= len(piece)
-            yield piece
+        try:
+            yield from self._chunks
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            self.failure = exc
+            raise
 
 
 class Registries:
     """A process-wide pool: one :class:`RegistryClient` per registry, created on first use."""
 
-    def __init__(self, store: CredentialStore, *, timeout=DEFAULT_TIMEOUT):
+    def __init__(
+        self, store: CredentialStore, *, timeout=DEFAULT_TIMEOUT, gate: Gate | None = None
+    ):
         self.store = store
         self._timeout = timeout
+        # One rate-limit gate for every registry client of the process: a 429 from a host
+        # holds back every image's requests to it, not just the one that saw it.
+        self.gate: Gate = gate if gate is not None else HostGate()
         self._clients: dict[str, RegistryClient] = {}
         self._lock = threading.Lock()
 
@@ -412,7 +515,7 @@ class Registries:
             client = self._clients.get(registry)
             if client is None:
                 client = self._clients[registry] = RegistryClient(
-                    registry, self.store, timeout=self._timeout
+                    registry, self.store, timeout=self._timeout, gate=self.gate
                 )
             return client
 

@@ -1,19 +1,40 @@
-"""HTTP transport for one registry host: TLS mode, scheme discovery, auth, response → error.
+"""HTTP transport for one registry host: TLS mode, scheme discovery, auth, response → error,
+in-place retries and the shared rate-limit gate.
 
 This is the one place where HTTP responses become the typed errors of :mod:`syncer.errors`
 (:func:`raise_for_response`), and where requests' exceptions become :class:`TransportError`.
-It does not retry: retrying is the job of :mod:`syncer.retry`, one layer up, so retry layers
-never stack.
+
+**Retries where the fault happens.** Every request whose body can be sent again (no body,
+``bytes`` or ``str``: ping, token fetch, HEAD/GET manifest, tags and catalog pages, blob HEAD,
+mount and upload POST, manifest PUT — the same bytes, so idempotent — upload DELETE) is
+retried in place on a transient error (:func:`syncer.errors.is_transient`) under
+:data:`syncer.retry.REQUEST_RETRIES`: exponential backoff with jitter, ``Retry-After``
+honoured up to 30 s (a longer one is raised, for the image-level retry to wait out), never
+past the copy's deadline (:func:`syncer.retry.current_deadline`). A streamed GET is retried
+only until its headers arrive — its body belongs to the caller. A streamed upload body (an
+iterator) cannot be replayed, so it is not retried here; the blob code resumes it one layer up.
+
+Why not urllib3's ``Retry`` (``HTTPAdapter(max_retries=Retry(...))``)? It works below this
+layer and sees only status codes: it would resend a refused ``Authorization`` instead of
+running the token flow again, cannot read the spec error codes of a body (``TOOMANYREQUESTS``
+in a 400, ``UNAVAILABLE``), never sees a body that breaks after the headers (requests reads it
+after urllib3 has returned), sleeps a ``Retry-After`` without our cap-then-defer rule, and
+knows neither the shared host gate nor the copy's deadline. So the adapter keeps
+``max_retries=0`` and the one :class:`~syncer.retry.RetryPolicy` drives a small loop here.
+
+**Rate limits are shared.** Before each request the transport waits at the process's
+:class:`~syncer.hostgate.Gate`; a 429 (or a 503 with ``Retry-After``) pauses that host for
+every thread of the process — and, with the Redis gate of the distributed mode, every worker.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import threading
 from collections.abc import Iterable
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
+from urllib.parse import urlparse
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -29,7 +50,17 @@ from syncer.errors import (
     SpecError,
     TransportError,
 )
+from syncer.hostgate import DEFAULT_RATE_LIMIT_PAUSE, Gate, HostGate
 from syncer.reference import api_host
+from syncer.retry import (
+    REQUEST_RETRIES,
+    RetryPolicy,
+    call_with_retries,
+    current_deadline,
+    parse_retry_after,
+)
+
+log = logging.getLogger(__name__)
 
 USER_AGENT = "image-syncer-py/0.1"
 DEFAULT_TIMEOUT = (10.0, 120.0)  # (connect, read) seconds; read = max silence between bytes
@@ -50,17 +81,7 @@ def is_loopback(host: str) -> bool:
 
 
 def _retry_after(response: requests.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        return max((when - datetime.now(UTC)).total_seconds(), 0.0)
+    return parse_retry_after(response.headers.get("Retry-After"))
 
 
 def _spec_errors(response: requests.Response) -> tuple[SpecError, ...]:
@@ -99,12 +120,24 @@ def raise_for_response(response: requests.Response, registry: str, what: str) ->
     raise RegistryError(message, **kwargs)
 
 
+class _Settled(Exception):
+    """Carries an error out of the request loop untouched: the auth step's token fetch was
+    already retried in place, and a second loop around it would stack retry layers."""
+
+    def __init__(self, error: RegistryError):
+        super().__init__(str(error))
+        self.error = error
+
+
 class Transport:
     """Sends requests to one registry host with the right scheme, TLS settings and auth.
 
     TLS is verified unless the registry is marked ``insecure``; a ``ca_file`` adds a private
     CA. Plain HTTP is used only for ``insecure`` registries and loopback hosts (as docker
     does), and only after the host proved it speaks the registry API over HTTP.
+
+    ``gate`` is the process's rate-limit gate (one is made when none is given);
+    ``retry_policy`` the in-place policy for replayable requests and token fetches.
     """
 
     def __init__(
@@ -114,11 +147,15 @@ class Transport:
         *,
         timeout: tuple[float, float] = DEFAULT_TIMEOUT,
         pool_size: int = 32,
+        gate: Gate | None = None,
+        retry_policy: RetryPolicy = REQUEST_RETRIES,
     ):
         self.registry = registry
         self.host = api_host(registry)
         self.store = store
         self.timeout = timeout
+        self.gate: Gate = gate if gate is not None else HostGate()
+        self.retry_policy = retry_policy
         settings = store.registry_settings(registry)
         self.insecure = settings.insecure
         self.session = requests.Session()  # trust_env: HTTP(S)_PROXY / NO_PROXY are honoured
@@ -127,6 +164,7 @@ class Transport:
         # ``verify`` (psf/requests#3829), which would silently drop a configured CA.
         self.verify: bool | str = False if settings.insecure else (settings.ca_file or True)
         self.session.verify = self.verify
+        # max_retries=0: retries are ours (see the module docstring for why not urllib3's).
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
@@ -134,7 +172,10 @@ class Transport:
             import urllib3
 
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        self.authenticator = Authenticator(registry, self.session, timeout, self.verify)
+        self.authenticator = Authenticator(
+            registry, self.session, timeout, self.verify, gate=self.gate,
+            retry_policy=retry_policy,
+        )
         self._base_url: str | None = None
         self._base_lock = threading.Lock()
 
@@ -144,33 +185,41 @@ class Transport:
         if self._base_url is None:
             with self._base_lock:
                 if self._base_url is None:
-                    self._base_url = self._discover_scheme()
+                    self._base_url = self._retrying(self._discover_scheme, "ping")
         return self._base_url
 
     def _discover_scheme(self) -> str:
+        plain_allowed = self.insecure or is_loopback(self.host)
         https = f"https://{self.host}"
+        self.gate.wait(self.host)
         try:
             self.session.get(
                 f"{https}/v2/", timeout=self.timeout, allow_redirects=False, verify=self.verify
-            )
+            ).close()
             return https
         except requests.exceptions.SSLError as exc:
-            tls_error = exc
+            tls_error: requests.RequestException = exc
         except requests.RequestException as exc:
-            if not (self.insecure or is_loopback(self.host)):
+            if not plain_allowed:
                 raise self._transport_error("ping", exc) from None
             tls_error = exc
-        if self.insecure or is_loopback(self.host):
+        if plain_allowed:
             http = f"http://{self.host}"
             try:
                 answer = self.session.get(
                     f"{http}/v2/", timeout=self.timeout, allow_redirects=False
                 )
-            except requests.RequestException:
-                answer = None
-            # A TLS-only server answers plain HTTP with a 400; a registry answers 200 or 401.
-            if answer is not None and answer.status_code in (200, 401):
-                return http
+            except requests.RequestException as exc:
+                # Neither scheme answered: a network fault (retried), not a TLS verdict.
+                raise self._transport_error("ping", exc) from None
+            with answer:
+                # A TLS-only server answers plain HTTP with a 400; a registry answers 200 or
+                # 401, or a transient 5xx/429 (a proxy or a registry in trouble: try again).
+                if answer.status_code in (200, 401):
+                    return http
+                if answer.status_code >= 500 or answer.status_code in (408, 429):
+                    self._note_rate_limit(answer)
+                    raise_for_response(answer, self.registry, "ping")
         raise self._transport_error("ping", tls_error) from None
 
     def _transport_error(self, what: str, exc: Exception) -> TransportError:
@@ -202,37 +251,88 @@ class Transport:
         data=None,
         stream: bool = False,
         allow: Iterable[int] = (),
+        registry_auth: bool = True,
     ) -> requests.Response:
-        """Send one request, answering an auth challenge once.
+        """Send one request, answering an auth challenge once, retrying transient failures.
 
         ``path`` is relative to the base URL (``/v2/...``) or an absolute URL (an upload
         Location). Statuses in ``ok`` are returned; those in ``allow`` are returned too (e.g.
         404 for an existence check); anything else raises through :func:`raise_for_response`.
+
+        A request with a replayable body (None, bytes, str) is retried in place on transient
+        errors (see the module docstring); an iterator body is sent once.
+        ``registry_auth=False`` sends ``headers`` as given — no registry token is added and a
+        401 is not answered with the token flow — for APIs beside the registry's (Harbor's).
         """
         url = path if path.startswith(("http://", "https://")) else self.base_url + path
         scope_key = tuple(scopes)
-        credentials = self.store.entry_for(self.registry, repository).credentials
+        allowed = set(ok) | set(allow)
+
+        def attempt() -> requests.Response:
+            return self._attempt(
+                method, url, repository, scope_key, what, allowed, headers, data, stream,
+                registry_auth,
+            )
+
+        try:
+            if not _is_replayable(data):
+                return attempt()
+            return self._retrying(attempt, what)
+        except _Settled as settled:
+            raise settled.error from None
+
+    def _retrying(self, operation, what: str):
+        """Run ``operation`` under the in-place policy, bounded by the current deadline."""
+
+        def note(number: int, exc: BaseException, wait: float) -> None:
+            log.info(
+                "retry %d/%d in %.2fs: %s at %s: %s",
+                number, self.retry_policy.max_retries, wait, what, self.registry,
+                _reason(exc),
+            )
+
+        return call_with_retries(
+            operation, self.retry_policy, on_retry=note, deadline=current_deadline()
+        )
+
+    def _attempt(
+        self, method, url, repository, scope_key, what, allowed, headers, data, stream,
+        registry_auth,
+    ) -> requests.Response:
         sent_headers = dict(headers or {})
-        auth = self.authenticator.header_for(scope_key, credentials)
-        if auth:
-            sent_headers["Authorization"] = auth
+        credentials = self.store.entry_for(self.registry, repository).credentials
+        if registry_auth:
+            try:
+                auth = self.authenticator.header_for(scope_key, credentials)
+            except RegistryError as exc:
+                raise _Settled(exc) from None
+            if auth:
+                sent_headers["Authorization"] = auth
         response = self._send(method, url, sent_headers, data, stream, what)
-        if response.status_code == 401:
-            if _is_consumed_stream(data):
-                response.close()
+        if response.status_code == 401 and registry_auth:
+            response.close()
+            if not _is_replayable(data):
                 # The body iterator was spent on the refused attempt; a retry of the whole
                 # operation (one layer up) will carry the now cached token.
+                try:
+                    self.authenticator.answer_challenge(
+                        response, scope_key, credentials, sent_headers.get("Authorization")
+                    )
+                except RegistryError as exc:
+                    raise _Settled(exc) from None
                 raise ServerError(
                     f"{what}: token expired during upload", registry=self.registry, status=401
                 )
-            response.close()
-            sent_headers["Authorization"] = self.authenticator.answer_challenge(
-                response, scope_key, credentials
-            )
+            try:
+                sent_headers["Authorization"] = self.authenticator.answer_challenge(
+                    response, scope_key, credentials, sent_headers.get("Authorization")
+                )
+            except RegistryError as exc:
+                raise _Settled(exc) from None
             response = self._send(method, url, sent_headers, data, stream, what)
-        allowed = set(ok) | set(allow)
         if response.status_code not in allowed:
             try:
+                self._note_rate_limit(response)
                 raise_for_response(response, self.registry, what)
                 raise RegistryError(
                     f"{what}: unexpected HTTP {response.status_code}",
@@ -243,7 +343,19 @@ class Transport:
                 response.close()
         return response
 
+    def _note_rate_limit(self, response: requests.Response) -> None:
+        """A 429 (or a 503 with Retry-After) pauses the answering host for the process."""
+        status = response.status_code
+        asked = _retry_after(response)
+        if status == 429 or (status == 503 and asked is not None):
+            host = urlparse(response.url).netloc or self.host
+            seconds = asked if asked is not None else DEFAULT_RATE_LIMIT_PAUSE
+            log.info("%s: HTTP %d, pausing requests to %s for %.1fs", self.registry, status,
+                     host, seconds)
+            self.gate.pause(host, seconds)
+
     def _send(self, method, url, headers, data, stream, what) -> requests.Response:
+        self.gate.wait(urlparse(url).netloc)
         try:
             return self.session.request(
                 method,
@@ -262,8 +374,14 @@ class Transport:
         self.session.close()
 
 
-def _is_consumed_stream(data) -> bool:
-    return data is not None and not isinstance(data, bytes | str | dict | list | tuple)
+def _is_replayable(data) -> bool:
+    """True for a body requests can send again: none, bytes, text, or form fields."""
+    return data is None or isinstance(data, bytes | str | dict | list | tuple)
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:200] + "…"
 
 
 def _short(exc: Exception) -> str:

@@ -25,6 +25,7 @@ from tests.support import (  # noqa: E402
     TOKEN_PERMISSIONS,
     TOKEN_USERS,
 )
+from tests.support.celery_workers import WorkerPool  # noqa: E402
 from tests.support.proxy import CountingProxy  # noqa: E402
 from tests.support.registry import (  # noqa: E402
     AuthMode,
@@ -161,3 +162,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisUrl]
         yield RedisUrl(server)
     finally:
         server.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Callable[..., WorkerPool]]:
+    """Factory ``cluster(broker_url, **env_options) -> WorkerPool`` (see
+    :func:`tests.support.celery_workers.syncer_env` for the options; ``None`` keeps a
+    setting at its default). Every worker is stopped at teardown (SIGTERM, then SIGKILL of its
+    process group) and its log tail printed (pytest shows it when the test failed)."""
+    pools: list[WorkerPool] = []
+
+    def factory(broker_url: str, **env_options: Any) -> WorkerPool:
+        pool = WorkerPool(broker_url, tmp_path / f"cluster{len(pools)}", **env_options)
+        pools.append(pool)
+        return pool
+
+    try:
+        yield factory
+    finally:
+        for pool in pools:
+            pool.stop_all()
+            print(pool.report())

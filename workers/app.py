@@ -9,6 +9,7 @@ import types
 from celery import Celery
 
 from workers.settings import build_settings
+from workers.signing import setup_signing
 
 
 def _overrides(module_name: str) -> dict:
@@ -28,3 +29,4 @@ if os.environ.get("SYNCER_CELERY_CONFIG"):
     settings.update(_overrides(os.environ["SYNCER_CELERY_CONFIG"]))
 app = Celery("syncer", include=["workers.tasks"])
 app.conf.update(settings)
+setup_signing(app)  # Celery's auth serializer, when SYNCER_SECURITY_* ask for it

@@ -5,7 +5,9 @@ ones — ``plan`` (enqueue a run), ``status`` (read a run's ledger), ``worker`` 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import secrets
 import sys
 
 import click
@@ -26,19 +28,59 @@ from syncer.errors import ConfigError
 from syncer.logsetup import configure_logging
 from syncer.report import exit_code, render_summary
 
+# The default (workers.settings.DEFAULT_STALL_TIMEOUT, 600 s) is applied by workers.runs, so
+# that this module does not import the Celery settings for the embedded commands.
+stall_option = click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    envvar="SYNCER_STALL_TIMEOUT",
+    show_envvar=True,
+    metavar="SECONDS",
+    help="Give up (exit 1, naming the unfinished images) when the run makes no progress — "
+    "no job changes state, no bytes move — for this long (default 600). 0: wait forever.",
+)
+
+
+def exit_stalled(stalled, as_json: bool) -> None:
+    """Report a :class:`workers.runs.RunStalled` (unfinished images named) and exit 1."""
+    lines = [f"error: {stalled}:"]
+    for record in stalled.unfinished[:50]:
+        where = f" on {record.worker}" if record.worker and record.state != "pending" else ""
+        lines.append(f"  {record.label}  ({record.state}{where}, {record.attempts} attempts)")
+    if len(stalled.unfinished) > 50:
+        lines.append(f"  … and {len(stalled.unfinished) - 50} more")
+    if as_json:
+        document = stalled.summary.to_dict()
+        document.update(
+            stalled=True,
+            idle_seconds=round(stalled.idle, 1),
+            unfinished=[
+                {"source": r.source, "destination": r.destination, "state": r.state,
+                 "worker": r.worker, "attempts": r.attempts}
+                for r in stalled.unfinished
+            ],
+        )
+        print_json(document)
+    else:
+        click.echo(render_summary(stalled.summary))
+    click.echo("\n".join(lines), err=True)
+    sys.exit(1)
+
 
 @cli.command()
 @click.argument("config", required=False, type=PATH)
 @sync_options
 @click.option("--wait", is_flag=True, help="Follow the run until it ends; exit like 'sync'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run (or final summary) as JSON.")
-def plan(config, wait, as_json, **options) -> None:
+@stall_option
+def plan(config, wait, as_json, stall_timeout, **options) -> None:
     """List source tags, create a run in Redis and enqueue one task per image.
 
     CONFIG is the legacy single config file (the same as --config).
     """
     from syncer.redis_ledger import RunNotFound
-    from workers.runs import enqueue, wait_for
+    from workers.runs import RunStalled, enqueue, wait_for
 
     rules, output = RuleOptions.take(options), OutputOptions.take(options)
     rules.config_file = config or rules.config_file
@@ -62,7 +104,10 @@ def plan(config, wait, as_json, **options) -> None:
         return
     click.echo(f"run {run_id}: {len(prepared.plan.jobs)} images enqueued", err=True)
     try:
-        summary = wait_for(ledger, show_progress=sys.stderr.isatty() and not as_json)
+        summary = wait_for(ledger, show_progress=sys.stderr.isatty() and not as_json,
+                           stall_timeout=stall_timeout)
+    except RunStalled as stalled:
+        exit_stalled(stalled, as_json)
     except RunNotFound:
         click.echo(
             f"error: run {run_id} vanished from Redis while waiting (was Redis restarted "
@@ -80,13 +125,14 @@ def plan(config, wait, as_json, **options) -> None:
 @click.argument("run_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--watch", is_flag=True, help="Keep watching until the run ends.")
-def status(run_id, as_json, watch) -> None:
+@stall_option
+def status(run_id, as_json, watch, stall_timeout) -> None:
     """Show a run's totals, rates and failures (from any host with access to Redis).
 
     Without RUN_ID, list the recent runs.
     """
     from syncer.redis_ledger import RunNotFound
-    from workers.runs import open_ledger, recent_runs, wait_for
+    from workers.runs import RunStalled, open_ledger, recent_runs, wait_for
 
     if run_id is None:
         runs = recent_runs()
@@ -101,7 +147,13 @@ def status(run_id, as_json, watch) -> None:
         return
     ledger = open_ledger(run_id)
     try:
-        summary = wait_for(ledger, show_progress=sys.stderr.isatty()) if watch else ledger.summary()
+        if watch:
+            summary = wait_for(ledger, show_progress=sys.stderr.isatty(),
+                               stall_timeout=stall_timeout)
+        else:
+            summary = ledger.summary()
+    except RunStalled as stalled:
+        exit_stalled(stalled, as_json)
     except RunNotFound:
         click.echo(f"error: no run {run_id!r} in Redis (wrong id, or expired)", err=True)
         sys.exit(2)
@@ -136,29 +188,51 @@ def status(run_id, as_json, watch) -> None:
     type=click.Path(dir_okay=False),
     help="A config whose 'auth' section this worker uses.",
 )
-@click.option("-n", "--hostname", default=None, help="Node name (default: syncer@%h).")
+@click.option(
+    "-n",
+    "--hostname",
+    default=None,
+    help="Node name, unique per worker process (default: syncer-<random hex>@%h).",
+)
 @click.option("-l", "--loglevel", default="INFO", show_default=True)
-def worker(concurrency, pool, auth_file, config_file, hostname, loglevel) -> None:
+@click.option(
+    "--allow-registry",
+    "allowed",
+    multiple=True,
+    metavar="HOST[/NAMESPACE]",
+    help="Also copy from/to this registry (repeatable; '*' = any). Default: only the registries "
+    "of this worker's auth file. Env SYNCER_ALLOWED_REGISTRIES (comma-separated).",
+)
+def worker(concurrency, pool, auth_file, config_file, hostname, loglevel, allowed) -> None:
     """Start a Celery worker that copies images (credentials from this host's files)."""
     if config_file:
         os.environ["SYNCER_CONFIG_FILE"] = os.path.abspath(config_file)
     elif auth_file:
         os.environ["SYNCER_AUTH_FILE"] = os.path.abspath(auth_file)
+    if allowed:  # through the environment, like --auth, so that prefork children see it too
+        os.environ["SYNCER_ALLOWED_REGISTRIES"] = ",".join(allowed)
     from workers.app import app
     from workers.context import load_worker_store
+    from workers.signing import describe as describe_signing
+    from workers.trust import announce, worker_allowlist
 
     try:  # the same loader every task uses: a bad file stops the worker before it starts
         store = load_worker_store()
+        allowlist = worker_allowlist()
     except ConfigError as exc:
         fail_usage(exc.problems)
     configure_logging(log_file=None, secrets=store.secrets)
+    announce(allowlist)
+    logging.getLogger("syncer.worker").info("%s", describe_signing(app))
     argv = [
         "worker",
         f"--concurrency={concurrency}",
         f"--pool={pool}",
         f"--loglevel={loglevel}",
         "--task-events",
-        f"--hostname={hostname or 'syncer@%h'}",
+        # Unique per process by default: two workers on one host must not share a name
+        # (liveness and Flower tell workers apart by it).
+        f"--hostname={hostname or f'syncer-{secrets.token_hex(3)}@%h'}",
         "--without-gossip",
         "--without-mingle",
     ]

@@ -19,6 +19,7 @@ from syncer.credentials import CredentialStore
 from syncer.redis_coordinator import RedisBlobCoordinator
 from syncer.redis_ledger import RedisLedger
 from syncer.registry import Registries
+from workers.redis_hostgate import RedisHostGate
 from workers.settings import redis_url
 
 
@@ -69,8 +70,9 @@ def get_context() -> WorkerContext:
     with _lock:
         if _context is None or _context_pid != os.getpid():
             store = load_worker_store()
-            registries = Registries(store)
             client = redis_client()
+            # Rate-limit pauses (429 / Retry-After) are shared with every worker via Redis.
+            registries = Registries(store, gate=RedisHostGate(client))
             coordinator = RedisBlobCoordinator(client)
             _context = WorkerContext(
                 registries, ImageCopier(registries, coordinator=coordinator), client, store.secrets

@@ -5,6 +5,10 @@ Every value can be overridden by a settings module named in ``SYNCER_CELERY_CONF
 redelivers an unacknowledged message after ``visibility_timeout``, so it must exceed the
 task's hard time limit plus the longest retry countdown, or a slow copy would be started a
 second time while the first is still running.
+
+The visibility timeout stays long on purpose: it is the last resort. A lost worker's jobs are
+enqueued again within a minute or so by the liveness layer (:mod:`workers.liveness`:
+heartbeats and held jobs in Redis, reapers in every worker and in a waiting planner).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import ssl
 import urllib.parse
 
 from syncer.retry import RetryPolicy
+from workers.signing import signing_settings
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 QUEUE = "syncer"
@@ -42,6 +47,38 @@ def broker_use_ssl(url: str) -> dict | None:
     if any(key.startswith("ssl_") for key in urllib.parse.parse_qs(parts.query)):
         return None
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
+#: Liveness defaults (see :mod:`workers.liveness`): a worker instance refreshes its heartbeat
+#: every HEARTBEAT_INTERVAL s with a TTL of HEARTBEAT_TTL s; reapers look for silent instances
+#: every REAP_INTERVAL s; a job whose worker was lost more than MAX_REDELIVERIES times fails.
+DEFAULT_HEARTBEAT_INTERVAL = 10.0
+DEFAULT_HEARTBEAT_TTL = 30.0
+DEFAULT_REAP_INTERVAL = 10.0
+DEFAULT_MAX_REDELIVERIES = 3
+#: ``syncer plan --wait`` / ``status --watch`` give up after this long without progress.
+DEFAULT_STALL_TIMEOUT = 600.0
+
+
+def _number(name: str, default: float) -> float:
+    value = os.environ.get(name, "")
+    return float(value) if value.strip() else default
+
+
+def liveness_settings() -> dict:
+    """The liveness part of the settings (``syncer_*`` keys, overridable like any other).
+
+    Env: ``SYNCER_HEARTBEAT_INTERVAL`` (10 s), ``SYNCER_HEARTBEAT_TTL`` (30 s),
+    ``SYNCER_REAP_INTERVAL`` (10 s), ``SYNCER_MAX_REDELIVERIES`` (3).
+    """
+    return {
+        "syncer_heartbeat_interval": _number("SYNCER_HEARTBEAT_INTERVAL",
+                                             DEFAULT_HEARTBEAT_INTERVAL),
+        "syncer_heartbeat_ttl": _number("SYNCER_HEARTBEAT_TTL", DEFAULT_HEARTBEAT_TTL),
+        "syncer_reap_interval": _number("SYNCER_REAP_INTERVAL", DEFAULT_REAP_INTERVAL),
+        "syncer_max_redeliveries": int(_number("SYNCER_MAX_REDELIVERIES",
+                                               DEFAULT_MAX_REDELIVERIES)),
+    }
 
 
 def build_settings() -> dict:
@@ -83,7 +120,9 @@ def build_settings() -> dict:
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
+    settings.update(liveness_settings())
     use_ssl = broker_use_ssl(settings["broker_url"])
     if use_ssl:
         settings["broker_use_ssl"] = use_ssl
+    settings.update(signing_settings())  # SYNCER_SECURITY_*: sign and verify task messages
     return settings

@@ -5,6 +5,12 @@ Transient errors become a Celery retry (a new message with a countdown from
 ``retry_backoff`` does, plus Retry-After and the run's own ``--retries``); permanent errors
 are recorded at once. The ledger makes a redelivered task harmless: the copy itself costs a
 HEAD per side when the image is already there, and a job's final state counts once.
+
+A start that finds the job's previous start without an outcome counts a lost worker (a
+killed prefork child, whose message Celery requeues at once; or a dead worker's job enqueued
+again by a reaper); past ``syncer_max_redeliveries`` (``SYNCER_MAX_REDELIVERIES``, 3) the job
+is recorded failed, "worker lost N times", and its message acknowledged: a poison image
+cannot loop forever.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from syncer.retry import RetryPolicy
 from syncer.runner import attempt_job, describe_error
 from workers.app import app
 from workers.context import get_context
+from workers.hooks import TASK_NAME  # also connects the worker's liveness signals
+from workers.liveness import ActivityReporter, instance_id, let_go
+from workers.trust import enforce as enforce_allowlist
 
 log = logging.getLogger("syncer.worker")
 T = TypeVar("T")
@@ -32,13 +41,13 @@ class ImageSyncFailed(Exception):
     """Raised (after the ledger recorded it) so Flower shows the task as failed."""
 
 
-def durable(write: Callable[..., T], *args) -> T:
+def durable(write: Callable[..., T], *args, **kwargs) -> T:
     """Run a ledger write, waiting out a Redis restart instead of losing the record."""
     deadline = time.monotonic() + LEDGER_PATIENCE
     delay = 0.5
     while True:
         try:
-            return write(*args)
+            return write(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError):
             if time.monotonic() > deadline:
                 raise
@@ -46,41 +55,79 @@ def durable(write: Callable[..., T], *args) -> T:
             delay = min(delay * 2, 5.0)
 
 
-@app.task(bind=True, name="syncer.sync_image", max_retries=None)
+def _job_id(job: dict) -> str:
+    try:
+        return Job.from_dict(job).id
+    except Exception:
+        return ""  # a malformed message: the allowlist check refuses it
+
+
+@app.task(bind=True, name=TASK_NAME, max_retries=None)
 def sync_image(self, run_id: str, job: dict, retries: int = 2) -> dict:
-    """Copy ``job`` (see :meth:`syncer.jobs.Job.to_dict`) for run ``run_id``."""
+    """Copy ``job`` (see :meth:`syncer.jobs.Job.to_dict`) for run ``run_id``.
+
+    The job stays *held* by this worker (:mod:`workers.liveness`) until it reaches an
+    outcome; a late duplicate of a job already final is acknowledged without copying.
+    """
     context = get_context()
     ledger = context.ledger(run_id)
-    parsed = Job.from_dict(job)
-    durable(ledger.mark_running, parsed.id, self.request.hostname or "")
-    # The copier enforces the limit itself: the threads pool ignores Celery's time limits.
-    deadline = time.monotonic() + float(app.conf.task_soft_time_limit or 3600)
+    holder, job_id = instance_id(), _job_id(job)
+    handed_to_retry = False
     try:
-        result = attempt_job(context.copier, parsed, deadline=deadline)
-    except SoftTimeLimitExceeded:
-        reason = "time limit exceeded"
-        durable(ledger.mark_failed, parsed.id, reason)
-        raise ImageSyncFailed(reason) from None
-    except Exception as exc:
-        reason = describe_error(exc)
-        policy = RetryPolicy(max_retries=retries)
-        if policy.should_retry(self.request.retries, exc):
-            countdown = policy.delay(self.request.retries, exc)
-            durable(ledger.mark_retrying, parsed.id, reason)
-            log.warning(
-                "retry %d/%d in %.1fs for %s: %s",
-                self.request.retries + 1,
-                retries,
-                countdown,
-                parsed.label,
-                reason,
-            )
-            raise self.retry(
-                countdown=countdown, max_retries=retries, exc=ImageSyncFailed(reason)
-            ) from None
-        durable(ledger.mark_failed, parsed.id, reason)
-        log.error("failed %s: %s", parsed.label, reason)
-        raise ImageSyncFailed(reason) from None
-    durable(ledger.mark_done, parsed.id, result.to_dict())
-    log.info("%s", result.summary())
-    return result.to_dict()
+        enforce_allowlist(job, ledger, durable)  # workers/trust.py: refuse registries not trusted
+        parsed = Job.from_dict(job)
+        verdict = durable(
+            ledger.mark_running, parsed.id, self.request.hostname or "", holder=holder,
+            max_redeliveries=int(app.conf.get("syncer_max_redeliveries", 3)),
+        )
+        if verdict.action == "final":
+            log.info("%s: already final, duplicate message acknowledged", parsed.label)
+            return {"status": "duplicate", "source": parsed.source,
+                    "destination": parsed.destination}
+        if verdict.action == "capped":
+            reason = f"worker lost {verdict.lost} times"
+            log.error("failed %s: %s", parsed.label, reason)
+            raise ImageSyncFailed(reason)
+        if verdict.lost:
+            log.warning("%s: started again after its worker was lost (%d so far)",
+                        parsed.label, verdict.lost)
+        # The copier enforces the limit itself: the threads pool ignores Celery's time limits.
+        deadline = time.monotonic() + float(app.conf.task_soft_time_limit or 3600)
+        activity = ActivityReporter(ledger.add_activity)
+        try:
+            result = attempt_job(context.copier, parsed, on_bytes=activity, deadline=deadline)
+        except SoftTimeLimitExceeded:
+            reason = "time limit exceeded"
+            durable(ledger.mark_failed, parsed.id, reason)
+            raise ImageSyncFailed(reason) from None
+        except Exception as exc:
+            reason = describe_error(exc)
+            policy = RetryPolicy(max_retries=retries)
+            if policy.should_retry(self.request.retries, exc):
+                countdown = policy.delay(self.request.retries, exc)
+                durable(ledger.mark_retrying, parsed.id, reason)
+                log.warning(
+                    "retry %d/%d in %.1fs for %s: %s",
+                    self.request.retries + 1,
+                    retries,
+                    countdown,
+                    parsed.label,
+                    reason,
+                )
+                # Let go *before* the retry message exists: whoever receives it holds it.
+                let_go(context.redis, holder, run_id, job_id)
+                handed_to_retry = True
+                raise self.retry(
+                    countdown=countdown, max_retries=retries, exc=ImageSyncFailed(reason)
+                ) from None
+            durable(ledger.mark_failed, parsed.id, reason)
+            log.error("failed %s: %s", parsed.label, reason)
+            raise ImageSyncFailed(reason) from None
+        finally:
+            activity.flush()
+        durable(ledger.mark_done, parsed.id, result.to_dict())
+        log.info("%s", result.summary())
+        return result.to_dict()
+    finally:
+        if not handed_to_retry and job_id:
+            let_go(context.redis, holder, run_id, job_id)

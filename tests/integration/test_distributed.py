@@ -24,8 +24,9 @@ import redis
 
 from syncer.ledger import JobRecord
 from syncer.redis_ledger import RedisLedger
+from syncer.retry import REQUEST_RETRIES
 from tests.support import BASIC_USERS, TEST_PASSWORDS, TOKEN_USERS, images
-from tests.support.celery_workers import FlowerProcess, WorkerPool, run_syncer
+from tests.support.celery_workers import FlowerProcess, run_syncer
 from tests.support.clients import write_auth_file
 from tests.support.ports import wait_until
 from tests.support.registry import RedisServer, RedisUrl
@@ -38,24 +39,6 @@ SRC_REPO, DST_REPO = "src/app", "dst/app"
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator:
-    """Factory ``cluster(broker_url, **env_options) -> WorkerPool``; every worker is stopped
-    at teardown (SIGTERM, then SIGKILL of its process group) and its log tail printed (pytest
-    shows it when the test failed)."""
-    pools: list[WorkerPool] = []
-
-    def factory(broker_url: str, **env_options) -> WorkerPool:
-        pool = WorkerPool(broker_url, tmp_path / f"cluster{len(pools)}", **env_options)
-        pools.append(pool)
-        return pool
-
-    try:
-        yield factory
-    finally:
-        for pool in pools:
-            pool.stop_all()
-            print(pool.report())
 
 
 @pytest.fixture
@@ -296,7 +279,7 @@ def test_sigkilled_worker_mid_copy_is_redelivered_and_counted_once(
     # The victim's manifest GET (by digest, after both HEADs) hangs: its copy is in progress
     # when the worker dies, with nothing pushed and no blob lock held yet.
     proxy.delay_next(1, 30.0, f"/manifests/{pushed[victim_tag].digest}", method="GET")
-    auth = write_auth_file(tmp_path / "auth.json", dst)
+    auth = write_auth_file(tmp_path / "auth.json", proxy, dst)  # the worker's allowlist
     rules = write_json(tmp_path / "images.json",
                        {f"{proxy.host}/{SRC_REPO}": f"{dst.host}/{DST_REPO}"})
     visibility = 10
@@ -353,7 +336,7 @@ def test_redis_restart_during_a_run(make_registry, make_proxy, persistent_redis,
     proxy = make_proxy(src)
     # Each copy takes about a second, so the run is still going when Redis goes away.
     proxy.delay_next(16, 1.0, "/manifests/sha256:", method="GET")
-    auth = write_auth_file(tmp_path / "auth.json", dst)
+    auth = write_auth_file(tmp_path / "auth.json", proxy, dst)  # the worker's allowlist
     rules = write_json(tmp_path / "images.json",
                        {f"{proxy.host}/{SRC_REPO}": f"{dst.host}/{DST_REPO}"})
     pool = cluster(persistent_redis, visibility_timeout=10)
@@ -388,8 +371,11 @@ def test_permanent_failure_once_transient_retried_with_backoff(make_registry, ma
     src, dst = make_registry(), make_registry()
     good = images.push_image(src, SRC_REPO, "v1", seed="v1")
     proxy = make_proxy(src)
-    proxy.fail_next(2, status=503, path_contains="/manifests/v1")
-    auth = write_auth_file(tmp_path / "auth.json", dst)
+    # Each attempt retries a request in place (REQUEST_RETRIES: 5 tries) before the image is
+    # retried: 2 attempts x 5 failures, then a clean third attempt.
+    in_place = REQUEST_RETRIES.max_retries + 1
+    proxy.fail_next(2 * in_place, status=503, path_contains="/manifests/v1")
+    auth = write_auth_file(tmp_path / "auth.json", proxy, dst)  # the worker's allowlist
     rules = write_json(tmp_path / "images.json",
                        {f"{proxy.host}/{SRC_REPO}:v1,nope": f"{dst.host}/{DST_REPO}"})
     pool = cluster(redis_server)
@@ -411,11 +397,12 @@ def test_permanent_failure_once_transient_retried_with_backoff(make_registry, ma
     assert images.manifest_digest(dst, DST_REPO, "nope") is None
     assert proxy.count("HEAD", "/manifests/nope") == 1
 
-    # Backoff: 1 s base, doubling, jittered to [d/2, d]: >= 0.5 s, then >= 1 s between tries.
+    # Image backoff: 1 s base, doubling, jittered to [d/2, d]: >= 0.5 s, then >= 1 s between
+    # the last try of one attempt and the first of the next.
     tries = [r for r in proxy.records if r.method == "HEAD" and r.path.endswith("/manifests/v1")]
-    assert [r.status for r in tries] == [503, 503, 200]
-    assert tries[1].started - tries[0].started >= 0.5 - 0.05
-    assert tries[2].started - tries[1].started >= 1.0 - 0.05
+    assert [r.status for r in tries] == [503] * 2 * in_place + [200]
+    assert tries[in_place].started - tries[in_place - 1].started >= 0.5 - 0.05
+    assert tries[2 * in_place].started - tries[2 * in_place - 1].started >= 1.0 - 0.05
     log = worker.log_text()
     assert "retry 1/3" in log and "retry 2/3" in log and "retry 3/3" not in log
     assert f"failed {proxy.host}/{SRC_REPO}:nope" in log

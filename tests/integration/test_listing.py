@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import base64
-import http.server
-import json
 from urllib.parse import parse_qs, urlparse
 
+import pytest
+
 from syncer.credentials import AuthEntry, Credentials, CredentialStore
+from syncer.errors import AuthenticationError
 from syncer.listing import RegistryLister
 from syncer.reference import Repository
 from syncer.registry import Registries
 from tests.support import images
 from tests.support.clients import registries_for
-from tests.support.httpserver import BackgroundServer
+from tests.support.httpserver import BackgroundServer, JsonHandler
 
 
 def test_catalog_and_tags_follow_pagination(make_registry, monkeypatch):
@@ -36,7 +37,7 @@ def test_catalog_and_tags_follow_pagination(make_registry, monkeypatch):
 HARBOR_REPOS = [{"name": f"team/app{i}"} for i in range(130)]
 
 
-class FakeHarbor(http.server.BaseHTTPRequestHandler):
+class FakeHarbor(JsonHandler):
     """Harbor 2's shape: _catalog refused to non-admins; the project API lists repositories
     (page/page_size) to project members with Basic credentials."""
 
@@ -59,18 +60,6 @@ class FakeHarbor(http.server.BaseHTTPRequestHandler):
             return self.reply(200, HARBOR_REPOS[(page - 1) * size : page * size])
         return self.reply(404, {"errors": [{"code": "NOT_FOUND"}]})
 
-    def reply(self, status, body, headers=None):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
 
 
 def test_harbor_project_listing_when_catalog_is_refused():
@@ -81,3 +70,96 @@ def test_harbor_project_listing_when_catalog_is_refused():
         )
         listed = RegistryLister(Registries(store)).list_repositories(server.host, "team")
     assert listed == sorted(r["name"] for r in HARBOR_REPOS)
+
+
+BEARER_REPOS = [{"name": f"team/app{i}"} for i in range(120)] + [
+    {"name": "team/sub/one"},
+    {"name": "team/sub/two"},
+]
+ROBOT_BASIC = "Basic " + base64.b64encode(b"robot$team+sync:harbor-pass").decode()
+REGISTRY_TOKEN = "registry-token-for-robot"
+
+
+class FakeBearerHarbor(FakeHarbor):
+    """Harbor 2 as deployed: the registry (``/v2/``) challenges with Bearer and its token
+    service issues registry-scoped tokens; ``_catalog`` is refused to non-admins even with a
+    token; the core API (``/api/v2.0``) takes Basic credentials only — a registry token there
+    gets 401 (goharbor/harbor#9317) — and, to catch a client that would "answer" it with the
+    token flow, its 401 carries the registry's Bearer challenge too."""
+
+    seen_by_api: list[str | None] = []
+    token_scopes: list[list[str]] = []
+
+    def challenge(self, scope: str = "") -> dict[str, str]:
+        realm = f"http://{self.headers['Host']}/service/token"
+        value = f'Bearer realm="{realm}",service="harbor-registry"'
+        return {"WWW-Authenticate": value + (f',scope="{scope}"' if scope else "")}
+
+    def do_GET(self):
+        url = urlparse(self.path)
+        if url.path == "/service/token":
+            if self.headers.get("Authorization") != ROBOT_BASIC:
+                return self.reply(401, {"errors": [{"code": "UNAUTHORIZED"}]})
+            type(self).token_scopes.append(parse_qs(url.query).get("scope", []))
+            return self.reply(200, {"token": REGISTRY_TOKEN, "expires_in": 1800})
+        if url.path == "/v2/":
+            return self.reply(401, {"errors": [{"code": "UNAUTHORIZED"}]}, self.challenge())
+        if url.path == "/v2/_catalog":
+            return self.reply(
+                401,
+                {"errors": [{"code": "UNAUTHORIZED", "message": "unauthorized to list catalog"}]},
+                self.challenge("registry:catalog:*"),
+            )
+        if url.path.startswith("/v2/") and url.path.endswith("/tags/list"):
+            if self.headers.get("Authorization") != f"Bearer {REGISTRY_TOKEN}":
+                name = url.path[len("/v2/"):-len("/tags/list")]
+                return self.reply(401, {"errors": [{"code": "UNAUTHORIZED"}]},
+                                  self.challenge(f"repository:{name}:pull"))
+            return self.reply(200, {"name": "team/app1", "tags": ["v1", "v2"]})
+        if url.path == "/api/v2.0/projects/team/repositories":
+            type(self).seen_by_api.append(self.headers.get("Authorization"))
+            if self.headers.get("Authorization") != ROBOT_BASIC:
+                return self.reply(
+                    401, {"errors": [{"code": "UNAUTHORIZED", "message": "unauthorized"}]},
+                    self.challenge(),
+                )
+            query = parse_qs(url.query)
+            page, size = int(query["page"][0]), int(query["page_size"][0])
+            return self.reply(200, BEARER_REPOS[(page - 1) * size : page * size])
+        return self.reply(404, {"errors": [{"code": "NOT_FOUND"}]})
+
+
+def test_harbor_project_listing_with_bearer_auth():
+    """Against a Bearer-challenging Harbor the project API still gets Basic credentials —
+    never a scope-less registry token — while the registry half keeps its token flow."""
+    handler = type("Harbor", (FakeBearerHarbor,), {"seen_by_api": [], "token_scopes": []})
+    with BackgroundServer(handler) as server:
+        store = CredentialStore(
+            [AuthEntry(f"{server.host}/team", Credentials("robot$team+sync", "harbor-pass"))],
+            docker_config=False,
+        )
+        lister = RegistryLister(Registries(store))
+        listed = lister.list_repositories(server.host, "team")
+        nested = lister.list_repositories(server.host, "team/sub")
+        tags = lister.list_tags(Repository(server.host, "team/app1"))
+    assert listed == sorted(r["name"] for r in BEARER_REPOS)
+    assert nested == ["team/sub/one", "team/sub/two"]
+    assert tags == ["v1", "v2"]
+    assert handler.seen_by_api and set(handler.seen_by_api) == {ROBOT_BASIC}
+    # Registry tokens were asked for registry scopes only (the catalog, the repository).
+    assert all(scopes for scopes in handler.token_scopes)
+    assert ["repository:team/app1:pull"] in handler.token_scopes
+
+
+def test_harbor_refusing_the_credentials_is_reported_without_secrets():
+    handler = type("Harbor", (FakeBearerHarbor,), {"seen_by_api": [], "token_scopes": []})
+    with BackgroundServer(handler) as server:
+        store = CredentialStore(
+            [AuthEntry(f"{server.host}/team", Credentials("robot$team+sync", "not-the-pass"))],
+            docker_config=False,
+        )
+        with pytest.raises(AuthenticationError) as caught:
+            RegistryLister(Registries(store)).list_repositories(server.host, "team")
+    text = str(caught.value)
+    assert "Harbor's project API (HTTP 401)" in text and "not-the-pass" not in text
+    assert len(handler.seen_by_api) == 1  # a refusal is not retried

@@ -1,13 +1,16 @@
 """The Redis ledger and blob coordinator against a real redis-server: each job's final state
-and counters count once, late duplicates change nothing, the upload lock excludes."""
+and counters count once, late duplicates change nothing, lost workers are counted and capped;
+the upload lock excludes, is kept alive atomically, and a waiter respects its deadline."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+import pytest
 import redis
 
+from syncer.errors import TimeLimitExceeded
 from syncer.jobs import Job, PlanFailure
 from syncer.redis_coordinator import RedisBlobCoordinator
 from syncer.redis_ledger import RedisLedger
@@ -78,3 +81,88 @@ def test_blob_lock_excludes_and_holders_are_shared(redis_server):
 
     first.record("dst.io", "b/app", "sha256:abc")
     assert second.holders("dst.io", "sha256:abc") == ["b/app"]
+
+
+def test_blob_lock_keep_alive_outlives_its_ttl_and_a_waiter_respects_its_deadline(redis_server):
+    client = redis.Redis.from_url(str(redis_server))
+    holder = RedisBlobCoordinator(client, lock_ttl=0.6)
+    waiter = RedisBlobCoordinator(client, poll=0.02)
+    name = "syncer:bloblock:dst.io:manifest:b/app@sha256:abc"
+    with holder.lock("dst.io", "manifest:b/app@sha256:abc"):
+        time.sleep(1.5)  # > 2 TTLs: only the watchdog's atomic reacquire keeps it
+        assert 0 < client.pttl(name) <= 600
+        started = time.monotonic()
+        soon = time.monotonic() + 0.3
+        with pytest.raises(TimeLimitExceeded), waiter.lock("dst.io", "manifest:b/app@sha256:abc",
+                                                           deadline=soon):
+            pytest.fail("entered a held lock")
+        assert 0.2 <= time.monotonic() - started < 1.0
+        # A deadline already past: no wait at all.
+        past = time.monotonic() - 1
+        with pytest.raises(TimeLimitExceeded), waiter.lock("dst.io", "manifest:b/app@sha256:abc",
+                                                           deadline=past):
+            pass
+    assert client.get(name) is None
+    # Free: a past deadline still gets a free lock (the copy's own checks end it).
+    with waiter.lock("dst.io", "manifest:b/app@sha256:abc", deadline=time.monotonic() - 1):
+        assert client.get(name) is not None
+
+
+def test_blob_lock_max_wait_and_redis_failure_degrade_to_unlocked(redis_server):
+    client = redis.Redis.from_url(str(redis_server))
+    holder = RedisBlobCoordinator(client)
+    impatient = RedisBlobCoordinator(client, poll=0.02, max_wait=0.2)
+    with holder.lock("dst.io", "sha256:def"):
+        started = time.monotonic()
+        with impatient.lock("dst.io", "sha256:def", deadline=time.monotonic() + 60):
+            waited = time.monotonic() - started
+        assert 0.1 <= waited < 1.0  # went on unlocked after max_wait, long before the deadline
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=None)
+    with RedisBlobCoordinator(dead).lock("dst.io", "sha256:def", deadline=time.monotonic() + 5):
+        pass  # Redis unreachable: unlocked, no error
+
+
+def test_lost_starts_are_counted_and_capped(redis_server):
+    client = redis.Redis.from_url(str(redis_server))
+    ledger = RedisLedger(client, "run-lost")
+    ledger.begin(JOBS, [], retries=2)
+    poison, recovered, retried = (job.id for job in JOBS)
+    assert ledger.job(poison) == JOBS[0]  # the whole job is kept, for a reaper
+
+    # A start whose previous start never reached an outcome counts a lost worker.
+    assert ledger.mark_running(poison, "w1", holder="w1#a", max_redeliveries=2).action == "run"
+    for lost in (1, 2):
+        verdict = ledger.mark_running(poison, "w1", holder="w1#b", max_redeliveries=2)
+        assert (verdict.action, verdict.lost) == ("run", lost)
+    verdict = ledger.mark_running(poison, "w1", holder="w1#c", max_redeliveries=2)
+    assert (verdict.action, verdict.lost) == ("capped", 3)
+    record = {r.id: r for r in ledger.records()}[poison]
+    assert (record.state, record.reason, record.attempts) == ("failed", "worker lost 3 times", 3)
+    assert ledger.mark_running(poison, "w2", holder="w2#a").action == "final"
+
+    # The reaper path: started on a lost instance -> counted once, pending again, requeue.
+    ledger.mark_running(recovered, "w1", holder="w1#dead")
+    assert ledger.note_lost(recovered, "w1#other").action == "elsewhere"
+    verdict = ledger.note_lost(recovered, "w1#dead", reason="worker w1 lost", max_redeliveries=3)
+    assert (verdict.action, verdict.lost) == ("requeue", 1)
+    record = {r.id: r for r in ledger.records()}[recovered]
+    assert (record.state, record.reason) == ("pending", "worker w1 lost")
+    # ...and its next start is not counted again.
+    assert ledger.mark_running(recovered, "w2", holder="w2#a").lost == 1
+    assert ledger.losses(recovered) == 1
+    assert ledger.mark_done(recovered, RESULT)
+    assert ledger.note_lost(recovered, "w2#a").action == "final"
+
+    # A retrying job (its countdown message died with the worker): requeue, nothing counted.
+    ledger.mark_running(retried, "w1", holder="w1#dead")
+    ledger.mark_retrying(retried, "HTTP 503")
+    assert ledger.note_lost(retried, "w1#dead").action == "requeue"
+    assert ledger.losses(retried) == 0
+    assert ledger.mark_running(retried, "w2", holder="w2#a").action == "run"
+
+    summary = ledger.summary()
+    assert (summary.failed, summary.synced, summary.running) == (1, 1, 1)
+    ledger.add_activity(1000)
+    ledger.add_activity(24)
+    assert ledger.activity() == 1024 and client.ttl(ledger.key("activity")) > 0
+    assert client.ttl(ledger.key("lost")) > 0 and client.ttl(ledger.key("holder")) > 0

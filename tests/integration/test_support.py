@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -285,3 +286,110 @@ def test_ports_and_passwords() -> None:
         wait_for_port(port, timeout=0.2)
     assert "s3cret-basic" in TEST_PASSWORDS
     assert "s3cret-token" in TEST_PASSWORDS
+
+
+def test_proxy_truncates_and_corrupts_bodies(counting_proxy: CountingProxy) -> None:
+    blob = images.make_layer(300_000, seed="cut-me")
+    digest = images.push_blob(counting_proxy, "faults/blob", blob)
+    path = f"/v2/faults/blob/blobs/{digest}"
+    session = counting_proxy.admin()
+    counting_proxy.reset()
+
+    # A HEAD (no body) does not consume the armed truncation; the GET after it is cut.
+    counting_proxy.truncate_next(1, "/blobs/sha256:", after_bytes=100_000)
+    assert session.head(path).status_code == 200
+    with pytest.raises(requests.exceptions.RequestException):
+        _ = session.get(path).content
+    cut = counting_proxy.records[-1]
+    assert (cut.method, cut.status, cut.injected, cut.fault) == ("GET", 200, "truncate", "truncate")
+    assert cut.response_bytes == 100_000
+
+    # Range requests pass through: the registry answers 206 with the missing bytes only.
+    resumed = session.get(path, headers={"Range": "bytes=100000-"})
+    assert resumed.status_code == 206
+    assert resumed.content == blob[100_000:]
+    assert counting_proxy.records[-1].request_headers["Range"] == "bytes=100000-"
+    assert counting_proxy.bytes_sent("GET", digest) == len(blob)
+
+    # A body with one flipped byte: same length, wrong digest.
+    counting_proxy.corrupt_next(1, digest, method="GET", at_byte=12_345, after=1)
+    assert session.get(path).content == blob  # let through (after=1)
+    bad = session.get(path)
+    assert bad.status_code == 200 and len(bad.content) == len(blob)
+    assert bad.content != blob
+    assert [i for i in range(len(blob)) if bad.content[i] != blob[i]] == [12_345]
+    assert session.get(path).content == blob
+    assert counting_proxy.fault_counts() == {"corrupt": 1, "truncate": 1}
+    assert counting_proxy.count(injected=True) == 2
+    assert counting_proxy.count("GET", kind="corrupt") == 1
+
+    # A cut at byte 0 sends headers only; a 206 can be cut too.
+    counting_proxy.truncate_next(2, digest)
+    with pytest.raises(requests.exceptions.RequestException):
+        _ = session.get(path).content
+    assert counting_proxy.records[-1].response_bytes == 0
+    with pytest.raises(requests.exceptions.RequestException):
+        _ = session.get(path, headers={"Range": "bytes=5-"}).content
+    assert counting_proxy.records[-1].status == 206
+    assert counting_proxy.count(kind="truncate") == 3
+
+
+def test_proxy_chaos_and_latency(counting_proxy: CountingProxy) -> None:
+    images.push_image(counting_proxy, "chaos/app", "1")
+    session = counting_proxy.session()
+    path = "/v2/chaos/app/manifests/1"
+    accept = {"Accept": images.MANIFEST_ACCEPT}
+
+    def outcomes(n: int) -> list[str]:
+        seen = []
+        for _ in range(n):
+            try:
+                resp = session.get(path, headers=accept)
+                _ = resp.content
+                seen.append(str(resp.status_code))
+            except requests.exceptions.RequestException:
+                seen.append("error")
+        return seen
+
+    counting_proxy.reset()
+    counting_proxy.chaos(0.5, seed=7)
+    first = outcomes(80)
+    counts = counting_proxy.fault_counts()
+    assert set(counts) == {"500", "503", "429", "reset", "truncate"}
+    assert 25 <= sum(counts.values()) <= 55
+    assert counting_proxy.count(injected=True) == sum(counts.values())
+    assert counting_proxy.count(kind="429", status=429) == counts["429"]
+    limited = [r for r in counting_proxy.records if r.fault == "429"]
+    assert limited and all(r.status == 429 for r in limited)
+
+    # Same seed, same requests in the same order: the same faults.
+    counting_proxy.reset()
+    counting_proxy.chaos(0.5, seed=7)
+    assert outcomes(80) == first
+
+    # Body faults only land on GETs with a body; a HEAD gets another kind instead.
+    counting_proxy.reset()
+    counting_proxy.chaos(1.0, kinds=("truncate",), seed=1)
+    for _ in range(3):
+        with pytest.raises(requests.exceptions.RequestException):
+            _ = session.get(path, headers=accept).content
+    assert counting_proxy.fault_counts() == {"truncate": 3}
+    counting_proxy.chaos(1.0, kinds=("truncate", "429"), seed=1, retry_after=2)
+    heads = [session.head(path, headers=accept) for _ in range(5)]
+    assert [r.status_code for r in heads] == [429] * 5
+    assert heads[0].headers["Retry-After"] == "2"
+    # A GET answered 404 by the registry cannot be cut: it becomes a 429 after forwarding.
+    assert session.get("/v2/chaos/app/manifests/nope", headers=accept).status_code == 429
+    counting_proxy.chaos(1.0, kinds=("503",))
+    assert "Retry-After" not in session.head(path, headers=accept).headers
+
+    counting_proxy.chaos(0)
+    counting_proxy.reset()
+    assert outcomes(5) == ["200"] * 5
+    assert counting_proxy.count(injected=True) == 0
+
+    counting_proxy.latency(0.2)
+    started = time.monotonic()
+    assert session.get(path, headers=accept).status_code == 200
+    assert time.monotonic() - started >= 0.2
+    counting_proxy.latency(0)

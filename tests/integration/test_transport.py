@@ -68,19 +68,27 @@ def test_blob_redirect_to_storage_drops_credentials():
     assert seen_by_storage == [None]
 
 
-def test_rate_limit_is_transient_and_retry_after_is_honoured(make_registry, make_proxy):
+def test_what_in_place_retries_leave_goes_to_the_image_retry(make_registry, make_proxy):
+    """Two layers, never stacked on one failure: a Retry-After too long to wait in place is
+    raised at once, for the image-level policy to honour; faults that outlast the in-place
+    budget surface, and the image-level policy retries the whole operation."""
     src = make_registry()
     images.push_image(src, "a/b", "v1")
     proxy = make_proxy(src)
-    proxy.fail_next(1, status=429, path_contains="/manifests/", retry_after=2)
+    proxy.fail_next(1, status=429, path_contains="/manifests/", retry_after=60)
     client = registries_for(src).client(proxy.host)
     with pytest.raises(RateLimitedError) as caught:
         client.manifest_digest("a/b", "v1")
-    assert caught.value.transient and caught.value.retry_after == 2.0
-    assert RetryPolicy(base=0.1).delay(0, caught.value) >= 2.0
+    assert caught.value.transient and caught.value.retry_after == 60.0
+    assert proxy.count("HEAD", "/manifests/") == 1
+    assert RetryPolicy(base=0.1).delay(0, caught.value) >= 60.0
 
     proxy.reset()
-    proxy.fail_next(2, status=503, path_contains="/manifests/")
+    client = registries_for(src).client(proxy.host)  # a fresh process-wide gate (no pause)
+    in_place = RetryPolicy(max_retries=2, base=0.01, cap=0.01, retry_after_cap=30.0,
+                           defer_long_retry_after=True)
+    client.transport.retry_policy = in_place
+    proxy.fail_next(6, status=503, path_contains="/manifests/")
     slept: list[float] = []
     digest = call_with_retries(
         lambda: client.manifest_digest("a/b", "v1"),
@@ -88,8 +96,9 @@ def test_rate_limit_is_transient_and_retry_after_is_honoured(make_registry, make
         sleep=slept.append,
     )
     assert digest == images.manifest_digest(src, "a/b", "v1")
-    assert slept == [1.0, 2.0]
-    assert proxy.count("HEAD", "/manifests/", injected=True) == 2
+    assert slept == [1.0, 2.0]  # two image-level retries, each after 3 tries in place
+    assert proxy.count("HEAD", "/manifests/", injected=True) == 6
+    assert proxy.count("HEAD", "/manifests/") == 7
 
 
 def test_server_errors_carry_spec_codes(make_registry):

@@ -12,7 +12,8 @@ Celery settings come from the environment the way an operator sets them
 small override module named in ``SYNCER_CELERY_CONFIG`` (the documented hook) that makes
 kombu sweep for expired unacknowledged messages every second: kombu 5.7's event loop sweeps
 only every ``unacked_restore_interval * unacked_restore_throttle`` = 10 s x 10 = 100 s by
-default, so a short visibility timeout alone would not make redelivery quick.
+default, so a short visibility timeout alone would not make redelivery quick. Tests of the
+liveness layer pass ``None`` for all three and run with what a user gets by default.
 """
 
 from __future__ import annotations
@@ -52,32 +53,38 @@ _DROP_ENV = ("SYNCER_", "CELERY_", "FLOWER_", "HTTP_PROXY", "HTTPS_PROXY", "http
              "https_proxy", "ALL_PROXY", "all_proxy", "DEFAULT_REGISTRY", "DEFAULT_NAMESPACE")
 
 
-def syncer_env(broker_url: str, directory: Path, *, visibility_timeout: int = 15,
-               task_time_limit: int = 120, restore_interval: int = 1,
+def syncer_env(broker_url: str, directory: Path, *, visibility_timeout: int | None = 15,
+               task_time_limit: int | None = 120, restore_interval: int | None = 1,
                extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a ``syncer`` subprocess bound to ``broker_url``.
 
     Variables that would change the child's behaviour (``SYNCER_*``, ``FLOWER_*``, proxies)
     are dropped; docker's config.json is replaced by an empty directory, so only the auth
-    files the test writes provide credentials.
+    files the test writes provide credentials. ``None`` for ``visibility_timeout``,
+    ``task_time_limit`` or ``restore_interval`` keeps what a user gets by default (no
+    variable, no override module).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{OVERRIDES_MODULE}.py").write_text(
-        _OVERRIDES_SOURCE % {"interval": restore_interval})
+    if restore_interval is not None:
+        (directory / f"{OVERRIDES_MODULE}.py").write_text(
+            _OVERRIDES_SOURCE % {"interval": restore_interval})
     docker_config = directory / "docker-config"
     docker_config.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP_ENV)}
     python_path = [str(directory), *filter(None, [env.get("PYTHONPATH")])]
     env.update({
         "SYNCER_BROKER_URL": str(broker_url),
-        "SYNCER_VISIBILITY_TIMEOUT": str(visibility_timeout),
-        "SYNCER_TASK_TIME_LIMIT": str(task_time_limit),
-        "SYNCER_CELERY_CONFIG": OVERRIDES_MODULE,
         "PYTHONPATH": os.pathsep.join(python_path),
         "PYTHONUNBUFFERED": "1",
         "DOCKER_CONFIG": str(docker_config),
         "NO_COLOR": "1",
     })
+    if visibility_timeout is not None:
+        env["SYNCER_VISIBILITY_TIMEOUT"] = str(visibility_timeout)
+    if task_time_limit is not None:
+        env["SYNCER_TASK_TIME_LIMIT"] = str(task_time_limit)
+    if restore_interval is not None:
+        env["SYNCER_CELERY_CONFIG"] = OVERRIDES_MODULE
     env.update(extra or {})
     return env
 

@@ -6,6 +6,7 @@ something a real registry cannot show on loopback (storage redirects, Harbor's A
 
 from __future__ import annotations
 
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -58,3 +59,21 @@ class BackgroundServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """Base for stand-in servers: :meth:`reply` sends a JSON body; nothing is logged."""
+
+    def reply(self, status: int, body: object, headers: dict[str, str] | None = None) -> None:
+        """Answer ``status`` with ``body`` as JSON and any extra ``headers``."""
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: tests assert on what was served, not on stderr."""

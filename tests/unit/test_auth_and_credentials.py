@@ -107,3 +107,131 @@ def test_scrubber_removes_secrets_from_log_text():
     )
     scrubber.filter(record)
     assert record.getMessage() == "login *** failed"
+
+
+# -- token fetches: single-flight per scope, 429 with Retry-After, no secrets ----------------
+
+
+class FakeTokenSession:
+    """Stands in for requests.Session on the token endpoint: scripted answers, counted."""
+
+    def __init__(self, answers, delay=0.0):
+        import threading
+
+        self.answers = list(answers)
+        self.delay = delay
+        self.calls: list[dict] = []
+        self._lock = threading.Lock()
+
+    def get(self, url, params=None, headers=None, timeout=None, verify=None):
+        import time
+
+        import requests
+
+        time.sleep(self.delay)
+        with self._lock:
+            self.calls.append({"url": url, "params": params, "headers": headers})
+            status, body, extra = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        response = requests.Response()
+        response.status_code = status
+        response._content = json.dumps(body).encode()
+        response._content_consumed = True
+        response.headers.update(extra)
+        return response
+
+
+def bearer_401(realm="https://auth.example/token"):
+    import requests
+
+    response = requests.Response()
+    response.status_code = 401
+    response.headers["WWW-Authenticate"] = f'Bearer realm="{realm}",service="reg"'
+    return response
+
+
+def test_token_fetch_is_single_flight_per_scope():
+    import threading
+
+    from syncer.auth import Authenticator
+
+    session = FakeTokenSession([(200, {"token": "t1", "expires_in": 300}, {})], delay=0.2)
+    auth = Authenticator("reg.example", session, (1, 1))
+    creds = Credentials("user", "pw-secret")
+    results: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def first_contact():
+        barrier.wait()
+        results.append(auth.answer_challenge(bearer_401(), ("repository:a/b:pull",), creds))
+
+    threads = [threading.Thread(target=first_contact) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == ["Bearer t1"] * 8
+    assert len(session.calls) == 1
+
+    # Up front for a new scope, from many threads: again one fetch.
+    results.clear()
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(auth.header_for(("repository:c/d:pull",), creds))
+        )
+        for _ in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == ["Bearer t1"] * 6 and len(session.calls) == 2
+
+    # A token the registry rejected is fetched anew, not served from the cache.
+    assert auth.answer_challenge(
+        bearer_401(), ("repository:c/d:pull",), creds, rejected="Bearer t1"
+    ) == "Bearer t1"
+    assert len(session.calls) == 3
+
+
+def test_token_server_429_is_rate_limited_with_retry_after_and_pauses_its_host():
+    import pytest
+
+    from syncer.auth import Authenticator
+    from syncer.errors import RateLimitedError
+    from syncer.hostgate import HostGate
+    from syncer.retry import RetryPolicy
+
+    session = FakeTokenSession([(429, {"errors": [{"code": "TOOMANYREQUESTS"}]},
+                                 {"Retry-After": "45"})])
+    gate = HostGate()
+    auth = Authenticator("reg.example", session, (1, 1), gate=gate,
+                         retry_policy=RetryPolicy(max_retries=0))
+    with pytest.raises(RateLimitedError) as caught:
+        auth.answer_challenge(bearer_401(), ("repository:a/b:pull",),
+                              Credentials("user", "pw-secret"))
+    assert caught.value.retry_after == 45.0 and caught.value.status == 429
+    assert caught.value.transient
+    assert 44 < gate.remaining("auth.example") <= 45
+    assert "pw-secret" not in str(caught.value)
+
+
+def test_token_fetch_retried_in_place_and_refusals_name_no_secret():
+    import pytest
+
+    from syncer.auth import Authenticator
+    from syncer.errors import AuthenticationError
+    from syncer.retry import RetryPolicy
+
+    quick = RetryPolicy(max_retries=4, base=0.001, cap=0.001)
+    session = FakeTokenSession([(503, {}, {}), (502, {}, {}), (200, {"token": "t2"}, {})])
+    auth = Authenticator("reg.example", session, (1, 1), retry_policy=quick)
+    creds = Credentials("user", "pw-secret")
+    assert auth.answer_challenge(bearer_401(), ("s",), creds) == "Bearer t2"
+    assert len(session.calls) == 3
+
+    refusing = FakeTokenSession([(401, {}, {})])
+    auth = Authenticator("reg.example", refusing, (1, 1), retry_policy=quick)
+    with pytest.raises(AuthenticationError) as caught:
+        auth.answer_challenge(bearer_401(), ("s",), creds)
+    assert len(refusing.calls) == 1  # permanent: not retried
+    assert "pw-secret" not in str(caught.value) and "user" not in str(caught.value)

@@ -19,23 +19,29 @@ from dataclasses import dataclass, fields
 import click
 
 from syncer import __version__
-from syncer.config import load_auth_file, load_config
-from syncer.copier import ImageCopier
-from syncer.credentials import CredentialStore
-from syncer.errors import ConfigError, SyncerError
-from syncer.jobs import Job, Plan
-from syncer.ledger import MemoryLedger, RunSummary
-from syncer.listing import RegistryLister
-from syncer.local import run_plan
-from syncer.logsetup import configure_logging
-from syncer.mediatypes import PlatformFilter
-from syncer.planner import plan as plan_rules
-from syncer.progress import ByteCounter, ProgressView
-from syncer.reference import parse_reference
-from syncer.registry import Registries
-from syncer.report import EXIT_USAGE, exit_code, render_summary, write_images_file
-from syncer.retry import RetryPolicy, call_with_retries
-from syncer.runner import describe_error
+from syncer.copy.copier import ImageCopier
+from syncer.plan.config import load_auth_file, load_config
+from syncer.plan.jobs import Job, Plan
+from syncer.plan.listing import RegistryLister
+from syncer.plan.planner import plan as plan_rules
+from syncer.registry.client import Registries
+from syncer.registry.credentials import CredentialStore
+from syncer.registry.errors import ConfigError, SyncerError
+from syncer.registry.mediatypes import PlatformFilter
+from syncer.registry.reference import parse_reference
+from syncer.registry.retry import RetryPolicy, call_with_retries
+from syncer.run.attempt import describe_error
+from syncer.run.embedded import run_plan
+from syncer.run.ledger import MemoryLedger, RunSummary
+from syncer.run.logsetup import configure_logging
+from syncer.run.progress import ByteCounter, ProgressView
+from syncer.run.report import (
+    EXIT_USAGE,
+    exit_code,
+    render_summary,
+    result_line,
+    write_images_file,
+)
 
 PATH = click.Path(dir_okay=False)
 
@@ -204,7 +210,7 @@ def copy(source, destination, auth_file, config_file, retries, force, os_, arch)
         sys.exit(1)
     finally:
         registries.close()
-    click.echo(result.summary())
+    click.echo(result_line(result))
 
 
 def run_sync(options: dict) -> None:

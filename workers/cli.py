@@ -24,9 +24,9 @@ from syncer.cli import (
     print_json,
     sync_options,
 )
-from syncer.errors import ConfigError
-from syncer.logsetup import configure_logging
-from syncer.report import exit_code, render_summary
+from syncer.registry.errors import ConfigError
+from syncer.run.logsetup import configure_logging
+from syncer.run.report import exit_code, render_summary
 
 # The default (workers.settings.DEFAULT_STALL_TIMEOUT, 600 s) is applied by workers.runs, so
 # that this module does not import the Celery settings for the embedded commands.
@@ -79,7 +79,7 @@ def plan(config, wait, as_json, stall_timeout, **options) -> None:
 
     CONFIG is the legacy single config file (the same as --config).
     """
-    from syncer.redis_ledger import RunNotFound
+    from workers.redis_ledger import RunNotFound
     from workers.runs import RunStalled, enqueue, wait_for
 
     rules, output = RuleOptions.take(options), OutputOptions.take(options)
@@ -131,7 +131,7 @@ def status(run_id, as_json, watch, stall_timeout) -> None:
 
     Without RUN_ID, list the recent runs.
     """
-    from syncer.redis_ledger import RunNotFound
+    from workers.redis_ledger import RunNotFound
     from workers.runs import RunStalled, open_ledger, recent_runs, wait_for
 
     if run_id is None:

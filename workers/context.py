@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import redis
 
-from syncer.config import load_auth_file
-from syncer.copier import ImageCopier
-from syncer.credentials import CredentialStore
-from syncer.redis_coordinator import RedisBlobCoordinator
-from syncer.redis_ledger import RedisLedger
-from syncer.registry import Registries
+from syncer.copy.copier import ImageCopier
+from syncer.plan.config import load_auth_file
+from syncer.registry.client import Registries
+from syncer.registry.credentials import CredentialStore
+from workers.redis_coordinator import RedisBlobCoordinator
 from workers.redis_hostgate import RedisHostGate
+from workers.redis_ledger import RedisLedger
 from workers.settings import redis_url
 
 

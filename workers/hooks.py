@@ -20,7 +20,7 @@ from typing import Any
 import redis
 from celery import signals
 
-from syncer.jobs import Job
+from syncer.plan.jobs import Job
 from workers.liveness import (
     INSTANCE_ENV,
     Heartbeat,

@@ -6,7 +6,7 @@ key is gone becomes a *suspect*; still silent a heartbeat interval later (so a l
 whose key lapsed while Redis restarted can beat again first), it is *claimed*: one Lua
 script checks the heartbeat once more, takes its whole set of held jobs and forgets the
 instance — atomically, so only one reaper acts on it. For each job it held, the ledger
-decides (:meth:`syncer.redis_ledger.RedisLedger.note_lost`): already final → nothing; running
+decides (:meth:`workers.redis_ledger.RedisLedger.note_lost`): already final → nothing; running
 on another live worker → nothing; started on the lost one → counted as a lost start (past
 the cap the job is recorded failed, "worker lost N times"), then enqueued again; pending or
 retrying (a prefetched or countdown message that died with the worker) → enqueued again.
@@ -26,8 +26,7 @@ from collections.abc import Callable
 
 import redis
 
-from syncer.jobs import Job
-from syncer.redis_ledger import RedisLedger
+from syncer.plan.jobs import Job
 from workers.liveness import (
     INSTANCES_KEY,
     LivenessSettings,
@@ -35,6 +34,7 @@ from workers.liveness import (
     holds_key,
     parse_member,
 )
+from workers.redis_ledger import RedisLedger
 
 log = logging.getLogger("syncer.reaper")
 

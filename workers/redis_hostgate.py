@@ -1,5 +1,5 @@
 """Rate-limit pauses shared by every worker through Redis (the distributed half of
-:mod:`syncer.hostgate`).
+:mod:`syncer.registry.hostgate`).
 
 A pause is the key ``syncer:pause:<host>`` with a millisecond expiry (``PX``): it exists
 exactly while the pause runs, and Redis forgets it by itself. Setting one only ever
@@ -10,7 +10,7 @@ key), hence the script. Remaining times, not clock readings, travel through Redi
 workers' clocks need not agree.
 
 Reads are cached: a worker asks Redis about a host at most once per ``poll_interval``
-(default 1 s) and otherwise trusts its local :class:`~syncer.hostgate.HostGate`, into which
+(default 1 s) and otherwise trusts its local :class:`~syncer.registry.hostgate.HostGate`, into which
 every pause it reads or sets is copied. A request therefore costs no Redis round trip, and a
 pause set by another worker is obeyed here within about a second. Redis errors never fail a
 copy: the gate degrades to the local one and tries Redis again a little later.
@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import redis
 
-from syncer.hostgate import MAX_PAUSE, HostGate
+from syncer.registry.hostgate import MAX_PAUSE, HostGate
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ return left
 
 
 class RedisHostGate:
-    """A :class:`~syncer.hostgate.Gate` whose pauses every worker sharing ``client`` obeys."""
+    """A :class:`~syncer.registry.hostgate.Gate` whose pauses every worker sharing ``client``
+    obeys."""
 
     def __init__(
         self,

@@ -20,11 +20,11 @@ from collections.abc import Callable
 
 import redis
 
-from syncer.jobs import Job, Plan
-from syncer.ledger import FINAL_STATES, JobRecord, RunSummary
-from syncer.progress import ProgressView
-from syncer.redis_ledger import RUNS_KEY, RedisLedger, RunNotFound
+from syncer.plan.jobs import Job, Plan
+from syncer.run.ledger import FINAL_STATES, JobRecord, RunSummary
+from syncer.run.progress import ProgressView
 from workers.context import redis_client
+from workers.redis_ledger import RUNS_KEY, RedisLedger, RunNotFound
 from workers.settings import DEFAULT_STALL_TIMEOUT
 
 
@@ -132,7 +132,7 @@ def wait_for(
     Every ``reap_interval`` seconds ``reap()`` runs (by default a reaper with the workers'
     settings; pass ``reap=lambda: 0`` for none). Raises :class:`RunStalled` after
     ``stall_timeout`` seconds without progress (None: the default, 600 s; 0: wait forever), and
-    :class:`~syncer.redis_ledger.RunNotFound` if the run vanishes.
+    :class:`~workers.redis_ledger.RunNotFound` if the run vanishes.
     """
     if reap is None:
         from workers.app import app

@@ -17,7 +17,7 @@ import os
 import ssl
 import urllib.parse
 
-from syncer.retry import RetryPolicy
+from syncer.registry.retry import RetryPolicy
 from workers.signing import signing_settings
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"

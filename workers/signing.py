@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 from celery import Celery
 
-from syncer.errors import ConfigError
+from syncer.registry.errors import ConfigError
 
 ENV_KEY = "SYNCER_SECURITY_KEY"
 ENV_CERTIFICATE = "SYNCER_SECURITY_CERTIFICATE"

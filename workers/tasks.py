@@ -1,7 +1,7 @@
 """The one task: copy one image of a run, under the shared retry policy.
 
 Transient errors become a Celery retry (a new message with a countdown from
-:class:`~syncer.retry.RetryPolicy`, which honours Retry-After — what ``autoretry_for`` with
+:class:`~syncer.registry.retry.RetryPolicy`, which honours Retry-After — what ``autoretry_for`` with
 ``retry_backoff`` does, plus Retry-After and the run's own ``--retries``); permanent errors
 are recorded at once. The ledger makes a redelivered task harmless: the copy itself costs a
 HEAD per side when the image is already there, and a job's final state counts once.
@@ -23,9 +23,10 @@ from typing import TypeVar
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
-from syncer.jobs import Job
-from syncer.retry import RetryPolicy
-from syncer.runner import attempt_job, describe_error
+from syncer.plan.jobs import Job
+from syncer.registry.retry import RetryPolicy
+from syncer.run.attempt import attempt_job, describe_error
+from syncer.run.report import result_line
 from workers.app import app
 from workers.context import get_context
 from workers.hooks import TASK_NAME  # also connects the worker's liveness signals
@@ -64,7 +65,7 @@ def _job_id(job: dict) -> str:
 
 @app.task(bind=True, name=TASK_NAME, max_retries=None)
 def sync_image(self, run_id: str, job: dict, retries: int = 2) -> dict:
-    """Copy ``job`` (see :meth:`syncer.jobs.Job.to_dict`) for run ``run_id``.
+    """Copy ``job`` (see :meth:`syncer.plan.jobs.Job.to_dict`) for run ``run_id``.
 
     The job stays *held* by this worker (:mod:`workers.liveness`) until it reaches an
     outcome; a late duplicate of a job already final is acknowledged without copying.
@@ -126,7 +127,7 @@ def sync_image(self, run_id: str, job: dict, retries: int = 2) -> dict:
         finally:
             activity.flush()
         durable(ledger.mark_done, parsed.id, result.to_dict())
-        log.info("%s", result.summary())
+        log.info("%s", result_line(result))
         return result.to_dict()
     finally:
         if not handed_to_retry and job_id:

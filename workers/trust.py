@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Reject
 
-from syncer.errors import ConfigError, ReferenceError_
-from syncer.jobs import Job
-from syncer.reference import (
+from syncer.plan.jobs import Job
+from syncer.registry.errors import ConfigError, ReferenceError_
+from syncer.registry.reference import (
     is_registry_segment,
     normalize_registry,
     parse_reference,
@@ -44,7 +44,7 @@ from syncer.reference import (
 )
 
 if TYPE_CHECKING:
-    from syncer.redis_ledger import RedisLedger
+    from workers.redis_ledger import RedisLedger
 
 ALLOW_ANY = "*"
 ENV_ALLOWED = "SYNCER_ALLOWED_REGISTRIES"

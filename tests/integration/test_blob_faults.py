@@ -9,13 +9,13 @@ from urllib.parse import unquote, urljoin
 
 import pytest
 
-import syncer.blobstream as blobstream
-import syncer.registry as registry_module
-from syncer.copier import ImageCopier
-from syncer.errors import IntegrityError
-from syncer.reference import parse_reference
-from syncer.registry import STREAM_CHUNK
-from syncer.retry import RetryPolicy
+import syncer.copy.blobstream as blobstream
+import syncer.registry.uploads as uploads_module
+from syncer.copy.copier import ImageCopier
+from syncer.registry.errors import IntegrityError
+from syncer.registry.reference import parse_reference
+from syncer.registry.retry import RetryPolicy
+from syncer.registry.uploads import STREAM_CHUNK
 from tests.integration.test_copy import assert_identical
 from tests.support import images
 from tests.support.clients import registries_for
@@ -26,8 +26,8 @@ WINDOW = 64 * 1024  # the PATCH size in the chunked tests
 @pytest.fixture
 def chunked(monkeypatch):
     """Force the chunked upload path for blobs above 50 kB, in PATCHes of 64 KiB."""
-    monkeypatch.setattr(registry_module, "CHUNKED_UPLOAD_THRESHOLD", 50_000)
-    monkeypatch.setattr(registry_module, "UPLOAD_CHUNK", WINDOW)
+    monkeypatch.setattr(uploads_module, "CHUNKED_UPLOAD_THRESHOLD", 50_000)
+    monkeypatch.setattr(uploads_module, "UPLOAD_CHUNK", WINDOW)
 
 
 def copy_through(src, dst, src_proxy, dst_proxy, path: str):
@@ -248,14 +248,14 @@ def test_distribution_range_header_is_ambiguous_for_zero_and_one_byte(make_regis
     headers = {"Content-Type": "application/octet-stream"}
 
     assert admin.get(location).headers["Range"] == "0-0"
-    assert client._upload_progress("a/b", location, 0)[0] == 0
+    assert client.uploads._upload_progress("a/b", location, 0)[0] == 0
 
     one = admin.patch(location, data=b"x", headers={**headers, "Content-Range": "0-0"})
     location = urljoin(reg.url, one.headers["Location"])
     assert admin.get(location).headers["Range"] == "0-0"  # the same answer for 1 byte
-    assert client._upload_progress("a/b", location, 1)[0] == 1
+    assert client.uploads._upload_progress("a/b", location, 1)[0] == 1
 
     two = admin.patch(location, data=b"y", headers={**headers, "Content-Range": "1-1"})
     location = urljoin(reg.url, two.headers["Location"])
     assert admin.get(location).headers["Range"] == "0-1"
-    assert client._upload_progress("a/b", location, 2)[0] == 2
+    assert client.uploads._upload_progress("a/b", location, 2)[0] == 2

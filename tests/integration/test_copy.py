@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from syncer.copier import ImageCopier
-from syncer.errors import AuthenticationError, TransportError
-from syncer.mediatypes import PlatformFilter
-from syncer.reference import parse_reference
+from syncer.copy.copier import ImageCopier
+from syncer.registry.errors import AuthenticationError, TransportError
+from syncer.registry.mediatypes import PlatformFilter
+from syncer.registry.reference import parse_reference
 from tests.support import images
 from tests.support.clients import registries_for
 
@@ -189,10 +189,10 @@ def test_tls_refused_by_default_then_ca_or_insecure(make_registry):
 
 
 def test_chunked_upload_path(make_registry, monkeypatch):
-    import syncer.registry as registry_module
+    import syncer.registry.uploads as uploads_module
 
-    monkeypatch.setattr(registry_module, "CHUNKED_UPLOAD_THRESHOLD", 50_000)
-    monkeypatch.setattr(registry_module, "UPLOAD_CHUNK", 64 * 1024)
+    monkeypatch.setattr(uploads_module, "CHUNKED_UPLOAD_THRESHOLD", 50_000)
+    monkeypatch.setattr(uploads_module, "UPLOAD_CHUNK", 64 * 1024)
     src, dst = make_registry(), make_registry()
     images.push_image(src, "big/one", "v1", layers=[images.make_layer(300_000, seed="big")])
     ImageCopier(registries_for(src, dst)).copy(ref(src, "big/one:v1"), ref(dst, "big/one:v1"))
@@ -212,7 +212,7 @@ def test_copy_by_digest_to_untagged_destination(make_registry):
 
 def test_deadline_stops_a_slow_copy(make_registry, make_proxy):
     """The copier enforces its own time limit (Celery's threads pool does not)."""
-    from syncer.errors import TimeLimitExceeded, is_transient
+    from syncer.registry.errors import TimeLimitExceeded, is_transient
 
     src, dst = make_registry(), make_registry()
     images.push_image(src, "slow/app", "v1", layers=[images.make_layer(50_000, seed="slow")])
@@ -251,8 +251,8 @@ def test_moved_multiarch_tag_reuses_children_already_there(make_registry, make_p
 def test_refused_mount_falls_back_to_upload(make_registry):
     """Credentials for the target namespace may not pull the repository that holds a layer:
     the mount is refused, and the copy uploads instead of failing."""
-    from syncer.credentials import AuthEntry, Credentials, CredentialStore
-    from syncer.registry import Registries
+    from syncer.registry.client import Registries
+    from syncer.registry.credentials import AuthEntry, Credentials, CredentialStore
     from tests.support import TOKEN_USERS
 
     src = make_registry()
@@ -276,10 +276,10 @@ def test_refused_mount_falls_back_to_upload(make_registry):
 def test_chunked_upload_resumes_after_a_failed_patch(make_registry, make_proxy, monkeypatch):
     """A PATCH that fails mid-blob resumes where the registry stands (GET on the upload
     session → Range), re-reading the source from there with a Range GET — not from zero."""
-    import syncer.registry as registry_module
+    import syncer.registry.uploads as uploads_module
 
-    monkeypatch.setattr(registry_module, "CHUNKED_UPLOAD_THRESHOLD", 50_000)
-    monkeypatch.setattr(registry_module, "UPLOAD_CHUNK", 64 * 1024)
+    monkeypatch.setattr(uploads_module, "CHUNKED_UPLOAD_THRESHOLD", 50_000)
+    monkeypatch.setattr(uploads_module, "UPLOAD_CHUNK", 64 * 1024)
     src, dst = make_registry(), make_registry()
     layer = images.make_layer(300_000, seed="resume", compress=False)
     images.push_image(src, "big/one", "v1", layers=[layer])

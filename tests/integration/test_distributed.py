@@ -22,14 +22,14 @@ import psutil
 import pytest
 import redis
 
-from syncer.ledger import JobRecord
-from syncer.redis_ledger import RedisLedger
-from syncer.retry import REQUEST_RETRIES
+from syncer.registry.retry import REQUEST_RETRIES
+from syncer.run.ledger import JobRecord
 from tests.support import BASIC_USERS, TEST_PASSWORDS, TOKEN_USERS, images
 from tests.support.celery_workers import FlowerProcess, run_syncer
 from tests.support.clients import write_auth_file
 from tests.support.ports import wait_until
 from tests.support.registry import RedisServer, RedisUrl
+from workers.redis_ledger import RedisLedger
 
 pytestmark = pytest.mark.integration
 

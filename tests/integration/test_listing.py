@@ -7,18 +7,18 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from syncer.credentials import AuthEntry, Credentials, CredentialStore
-from syncer.errors import AuthenticationError
-from syncer.listing import RegistryLister
-from syncer.reference import Repository
-from syncer.registry import Registries
+from syncer.plan.listing import RegistryLister
+from syncer.registry.client import Registries
+from syncer.registry.credentials import AuthEntry, Credentials, CredentialStore
+from syncer.registry.errors import AuthenticationError
+from syncer.registry.reference import Repository
 from tests.support import images
 from tests.support.clients import registries_for
 from tests.support.httpserver import BackgroundServer, JsonHandler
 
 
 def test_catalog_and_tags_follow_pagination(make_registry, monkeypatch):
-    import syncer.registry as registry_module
+    import syncer.registry.client as registry_module
 
     monkeypatch.setattr(registry_module, "_PAGE_SIZE", 2)  # force several Link-paged requests
     reg = make_registry()

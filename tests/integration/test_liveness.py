@@ -22,9 +22,8 @@ import psutil
 import pytest
 import redis
 
-from syncer.jobs import Job
-from syncer.ledger import RunSummary
-from syncer.redis_ledger import RedisLedger
+from syncer.plan.jobs import Job
+from syncer.run.ledger import RunSummary
 from tests.integration.test_distributed import (
     DST_REPO,
     SRC_REPO,
@@ -49,6 +48,7 @@ from workers.liveness import (
     holds_key,
 )
 from workers.reaper import Reaper
+from workers.redis_ledger import RedisLedger
 from workers.runs import RunStalled, wait_for
 
 pytestmark = pytest.mark.integration

@@ -14,14 +14,14 @@ import time
 
 import pytest
 
-from syncer.copier import PUSH_RECHECKS, ImageCopier
-from syncer.dedupe import manifest_key
-from syncer.errors import RegistryError
-from syncer.jobs import Job, Plan
-from syncer.ledger import MemoryLedger
-from syncer.local import run_plan
-from syncer.reference import parse_reference
-from syncer.retry import RetryPolicy
+from syncer.copy.coordinator import manifest_key
+from syncer.copy.copier import PUSH_RECHECKS, ImageCopier
+from syncer.plan.jobs import Job, Plan
+from syncer.registry.errors import RegistryError
+from syncer.registry.reference import parse_reference
+from syncer.registry.retry import RetryPolicy
+from syncer.run.embedded import run_plan
+from syncer.run.ledger import MemoryLedger
 from tests.support import images
 from tests.support.clients import registries_for
 

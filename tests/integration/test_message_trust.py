@@ -26,14 +26,14 @@ from celery.security.serialization import SecureSerializer
 from celery.utils import uuid
 from kombu.serialization import dumps
 
-from syncer.jobs import Job
-from syncer.ledger import JobRecord
-from syncer.redis_ledger import RedisLedger
+from syncer.plan.jobs import Job
+from syncer.run.ledger import JobRecord
 from tests.support import images
 from tests.support.celery_workers import WorkerPool, WorkerProcess, run_syncer
 from tests.support.clients import write_auth_file
 from tests.support.ports import wait_until
 from tests.support.tls import make_token_signing_material
+from workers.redis_ledger import RedisLedger
 
 pytestmark = pytest.mark.integration
 

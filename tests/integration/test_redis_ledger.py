@@ -10,10 +10,10 @@ import time
 import pytest
 import redis
 
-from syncer.errors import TimeLimitExceeded
-from syncer.jobs import Job, PlanFailure
-from syncer.redis_coordinator import RedisBlobCoordinator
-from syncer.redis_ledger import RedisLedger
+from syncer.plan.jobs import Job, PlanFailure
+from syncer.registry.errors import TimeLimitExceeded
+from workers.redis_coordinator import RedisBlobCoordinator
+from workers.redis_ledger import RedisLedger
 
 JOBS = [Job(f"src.io/a/app:{i}", f"dst.io/b/app:{i}") for i in range(3)]
 RESULT = {

@@ -10,16 +10,16 @@ import time
 import pytest
 import redis
 
-from syncer.credentials import AuthEntry, Credentials, CredentialStore
-from syncer.errors import (
+from syncer.registry.client import Registries
+from syncer.registry.credentials import AuthEntry, Credentials, CredentialStore
+from syncer.registry.errors import (
     AuthenticationError,
     NotFoundError,
     RateLimitedError,
     ServerError,
     TransportError,
 )
-from syncer.registry import Registries
-from syncer.retry import REQUEST_RETRIES, deadline_scope
+from syncer.registry.retry import REQUEST_RETRIES, deadline_scope
 from tests.support import images
 from tests.support.clients import registries_for
 from tests.support.httpserver import BackgroundServer, JsonHandler

@@ -7,10 +7,10 @@ import http.server
 
 import pytest
 
-from syncer.credentials import AuthEntry, Credentials, CredentialStore
-from syncer.errors import RateLimitedError, ServerError
-from syncer.registry import RegistryClient
-from syncer.retry import RetryPolicy, call_with_retries
+from syncer.registry.client import RegistryClient
+from syncer.registry.credentials import AuthEntry, Credentials, CredentialStore
+from syncer.registry.errors import RateLimitedError, ServerError
+from syncer.registry.retry import RetryPolicy, call_with_retries
 from tests.support import images
 from tests.support.clients import registries_for
 from tests.support.httpserver import BackgroundServer

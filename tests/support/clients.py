@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from syncer.credentials import AuthEntry, Credentials, CredentialStore
-from syncer.registry import Registries
+from syncer.registry.client import Registries
+from syncer.registry.credentials import AuthEntry, Credentials, CredentialStore
 from tests.support.registry import RegistryProcess
 
 

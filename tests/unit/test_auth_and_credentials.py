@@ -3,9 +3,9 @@
 import base64
 import json
 
-from syncer.auth import TokenCache, parse_challenge
-from syncer.credentials import AuthEntry, Credentials, CredentialStore
-from syncer.logsetup import SecretScrubber
+from syncer.registry.auth import TokenCache, parse_challenge
+from syncer.registry.credentials import AuthEntry, Credentials, CredentialStore
+from syncer.run.logsetup import SecretScrubber
 
 
 def test_parse_bearer_challenge():
@@ -36,7 +36,7 @@ def test_token_cache_expires(monkeypatch):
     import time
 
     later = time.monotonic() + 2
-    monkeypatch.setattr("syncer.auth.time.monotonic", lambda: later)
+    monkeypatch.setattr("syncer.registry.auth.time.monotonic", lambda: later)
     assert cache.get(("s",)) is None
 
 
@@ -152,7 +152,7 @@ def bearer_401(realm="https://auth.example/token"):
 def test_token_fetch_is_single_flight_per_scope():
     import threading
 
-    from syncer.auth import Authenticator
+    from syncer.registry.auth import Authenticator
 
     session = FakeTokenSession([(200, {"token": "t1", "expires_in": 300}, {})], delay=0.2)
     auth = Authenticator("reg.example", session, (1, 1))
@@ -196,10 +196,10 @@ def test_token_fetch_is_single_flight_per_scope():
 def test_token_server_429_is_rate_limited_with_retry_after_and_pauses_its_host():
     import pytest
 
-    from syncer.auth import Authenticator
-    from syncer.errors import RateLimitedError
-    from syncer.hostgate import HostGate
-    from syncer.retry import RetryPolicy
+    from syncer.registry.auth import Authenticator
+    from syncer.registry.errors import RateLimitedError
+    from syncer.registry.hostgate import HostGate
+    from syncer.registry.retry import RetryPolicy
 
     session = FakeTokenSession([(429, {"errors": [{"code": "TOOMANYREQUESTS"}]},
                                  {"Retry-After": "45"})])
@@ -218,9 +218,9 @@ def test_token_server_429_is_rate_limited_with_retry_after_and_pauses_its_host()
 def test_token_fetch_retried_in_place_and_refusals_name_no_secret():
     import pytest
 
-    from syncer.auth import Authenticator
-    from syncer.errors import AuthenticationError
-    from syncer.retry import RetryPolicy
+    from syncer.registry.auth import Authenticator
+    from syncer.registry.errors import AuthenticationError
+    from syncer.registry.retry import RetryPolicy
 
     quick = RetryPolicy(max_retries=4, base=0.001, cap=0.001)
     session = FakeTokenSession([(503, {}, {}), (502, {}, {}), (200, {"token": "t2"}, {})])

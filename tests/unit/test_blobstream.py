@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import pytest
 import urllib3
 
-from syncer.blobstream import BlobReader
-from syncer.errors import IntegrityError, TransportError
-from syncer.registry import _held_bytes
-from syncer.retry import RetryPolicy
+from syncer.copy.blobstream import BlobReader
+from syncer.registry.errors import IntegrityError, TransportError
+from syncer.registry.retry import RetryPolicy
+from syncer.registry.uploads import _held_bytes
 
 BLOB = bytes(range(256)) * 40  # 10 240 bytes
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()

@@ -1,4 +1,4 @@
-"""Unit tests for syncer.config: the valid forms, env expansion, and every kind of mistake."""
+"""Unit tests for syncer.plan.config: the valid forms, env expansion, and every kind of mistake."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from syncer.config import load_auth_file, load_config, parse_rule
-from syncer.credentials import AuthEntry, Credentials
-from syncer.errors import ConfigError
-from syncer.reference import Repository
-from syncer.rules import ALL_TAGS, Destination, Rule, TagSelector
+from syncer.plan.config import load_auth_file, load_config, parse_rule
+from syncer.plan.rules import ALL_TAGS, Destination, Rule, TagSelector
+from syncer.registry.credentials import AuthEntry, Credentials
+from syncer.registry.errors import ConfigError
+from syncer.registry.reference import Repository
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DIGEST = "sha256:" + "ab" * 32

@@ -4,9 +4,9 @@ import json
 
 import yaml
 
-from syncer.jobs import Job, PlanFailure
-from syncer.ledger import MemoryLedger
-from syncer.report import exit_code, render_summary, write_images_file
+from syncer.plan.jobs import Job, PlanFailure
+from syncer.run.ledger import MemoryLedger
+from syncer.run.report import exit_code, render_summary, write_images_file
 
 JOB_A = Job("r.io/a/x:1", "d.io/b/x:1")
 JOB_B = Job("r.io/a/y:1", "d.io/b/y:1")

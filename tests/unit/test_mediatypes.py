@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from syncer.copier import filter_index
-from syncer.errors import RegistryError
-from syncer.mediatypes import (
+from syncer.copy.copier import filter_index
+from syncer.registry.client import Manifest, sha256_digest
+from syncer.registry.errors import RegistryError
+from syncer.registry.mediatypes import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     DOCKER_SCHEMA1,
@@ -16,7 +17,6 @@ from syncer.mediatypes import (
     PlatformFilter,
     detect_media_type,
 )
-from syncer.registry import Manifest, sha256_digest
 
 
 def test_detect_prefers_body_media_type():

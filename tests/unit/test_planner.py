@@ -1,4 +1,4 @@
-"""Unit tests for syncer.planner with a fake lister (no network)."""
+"""Unit tests for syncer.plan.planner with a fake lister (no network)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import threading
 
 import pytest
 
-from syncer.config import parse_rule
-from syncer.errors import NotFoundError
-from syncer.jobs import Job, PlanFailure
-from syncer.mediatypes import PlatformFilter
-from syncer.planner import default_destination, default_target, plan, select_tags
-from syncer.reference import Repository
+from syncer.plan.config import parse_rule
+from syncer.plan.jobs import Job, PlanFailure
+from syncer.plan.planner import default_destination, default_target, plan, select_tags
+from syncer.registry.errors import NotFoundError
+from syncer.registry.mediatypes import PlatformFilter
+from syncer.registry.reference import Repository
 
 DIGEST = "sha256:" + "cd" * 32
 
@@ -308,7 +308,7 @@ def test_invalid_listed_tag_is_a_failure_not_a_crash():
 
 
 def test_jobs_carry_options_and_serialise_without_credentials(tmp_path):
-    from syncer.config import load_config
+    from syncer.plan.config import load_config
 
     auth = tmp_path / "auth.yaml"
     auth.write_text("quay.io: {username: robot-user, password: TopSecret123}\n")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from syncer.errors import ReferenceError_
-from syncer.reference import api_host, parse_reference, split_repository
+from syncer.registry.errors import ReferenceError_
+from syncer.registry.reference import api_host, parse_reference, split_repository
 
 DIGEST = "sha256:" + "a" * 64
 

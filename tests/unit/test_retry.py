@@ -2,7 +2,7 @@
 
 import pytest
 
-from syncer.errors import (
+from syncer.registry.errors import (
     AuthenticationError,
     IntegrityError,
     NotFoundError,
@@ -12,7 +12,7 @@ from syncer.errors import (
     UnsupportedManifestError,
     is_transient,
 )
-from syncer.retry import RetryPolicy, call_with_retries
+from syncer.registry.retry import RetryPolicy, call_with_retries
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_call_with_retries_gives_up_after_budget():
 
 
 def test_request_level_policy_is_small_and_defers_long_retry_after():
-    from syncer.retry import REQUEST_RETRIES
+    from syncer.registry.retry import REQUEST_RETRIES
 
     assert REQUEST_RETRIES.max_retries == 4  # 5 tries per request
     assert REQUEST_RETRIES.defer_long_retry_after
@@ -134,7 +134,7 @@ def test_call_with_retries_raises_the_last_error_at_the_deadline():
 
 
 def test_deadline_scope_sets_nests_tightening_and_restores():
-    from syncer.retry import current_deadline, deadline_scope
+    from syncer.registry.retry import current_deadline, deadline_scope
 
     assert current_deadline() is None
     with deadline_scope(50.0):
@@ -153,7 +153,7 @@ def test_deadline_scope_is_per_thread_unless_the_context_is_copied():
     import contextvars
     import threading
 
-    from syncer.retry import current_deadline, deadline_scope
+    from syncer.registry.retry import current_deadline, deadline_scope
 
     seen: dict[str, float | None] = {}
     with deadline_scope(7.0):
@@ -172,7 +172,7 @@ def test_parse_retry_after_seconds_and_http_dates():
     from datetime import UTC, datetime, timedelta
     from email.utils import format_datetime
 
-    from syncer.retry import parse_retry_after
+    from syncer.registry.retry import parse_retry_after
 
     assert parse_retry_after("2") == 2.0
     assert parse_retry_after("1.5") == 1.5
@@ -199,7 +199,7 @@ class FakeClock:
 
 
 def test_host_gate_keeps_the_later_expiry_and_waits_it_out():
-    from syncer.hostgate import HostGate
+    from syncer.registry.hostgate import HostGate
 
     clock = FakeClock()
     gate = HostGate(clock=clock, sleep=clock.sleep)
@@ -216,8 +216,8 @@ def test_host_gate_keeps_the_later_expiry_and_waits_it_out():
 
 
 def test_host_gate_wait_is_bounded_by_the_deadline():
-    from syncer.hostgate import HostGate
-    from syncer.retry import deadline_scope
+    from syncer.registry.hostgate import HostGate
+    from syncer.registry.retry import deadline_scope
 
     clock = FakeClock()
     gate = HostGate(clock=clock, sleep=clock.sleep)
@@ -232,7 +232,7 @@ def test_host_gate_holds_other_threads_until_the_pause_ends():
     import threading
     import time
 
-    from syncer.hostgate import HostGate
+    from syncer.registry.hostgate import HostGate
 
     gate = HostGate()
     gate.pause("reg", 0.3)

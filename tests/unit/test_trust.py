@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from syncer.errors import ConfigError
-from syncer.jobs import Job
+from syncer.plan.jobs import Job
+from syncer.registry.errors import ConfigError
 from workers.signing import (
     ENV_CERT_STORE,
     ENV_CERTIFICATE,

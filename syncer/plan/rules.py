@@ -22,8 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from syncer.errors import ReferenceError_
-from syncer.reference import Repository, split_repository, validate_digest, validate_tag
+from syncer.registry.errors import ReferenceError_
+from syncer.registry.reference import Repository, split_repository, validate_digest, validate_tag
 
 
 @dataclass(frozen=True)

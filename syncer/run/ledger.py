@@ -1,7 +1,7 @@
 """A run's record: which jobs are done, skipped or failed, with reasons and byte counts.
 
 Both execution modes write the same events; :class:`MemoryLedger` keeps them in this process
-(embedded ``syncer sync``), ``syncer.redis_ledger.RedisLedger`` keeps them in Redis so any host
+(embedded ``syncer sync``), ``workers.redis_ledger.RedisLedger`` keeps them in Redis so any host
 can watch a distributed run. Each job lands in exactly one final state, keyed by job id, so a
 redelivered or retried job can never be counted twice.
 """
@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from syncer.jobs import Job, PlanFailure
+from syncer.plan.jobs import Job, PlanFailure
 
 FINAL_STATES = ("synced", "skipped", "failed")
 COUNTERS = ("manifests_pushed", "blobs_copied", "blobs_mounted", "blobs_existing", "bytes_copied")

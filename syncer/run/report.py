@@ -10,12 +10,33 @@ from pathlib import Path
 
 import yaml
 
-from syncer.copier import human_bytes
-from syncer.ledger import JobRecord, RunSummary
+from syncer.copy.copier import CopyResult
+from syncer.run.ledger import JobRecord, RunSummary
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+
+
+def human_bytes(count: float) -> str:
+    """``1.5 MiB``-style text for a byte count."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} B"
+
+
+def result_line(result: CopyResult) -> str:
+    """One line telling what a copy did (the log line of a finished image)."""
+    if result.status == "skipped":
+        return f"skipped {result.source} -> {result.destination}: up to date ({result.digest[:19]})"
+    return (
+        f"synced {result.source} -> {result.destination} {result.digest[:19]}: "
+        f"{result.manifests_pushed} manifests, {result.blobs_copied} blobs copied "
+        f"({human_bytes(result.bytes_copied)}), {result.blobs_mounted} mounted, "
+        f"{result.blobs_existing} existing"
+    )
 
 
 def exit_code(summary: RunSummary) -> int:

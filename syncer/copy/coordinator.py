@@ -7,10 +7,10 @@ a single POST instead of re-sending the bytes).
 
 The same lock serialises manifest pushes (key ``manifest:<repository>@<digest>``): two
 images of one run that share a child manifest must not write it at once (see
-:mod:`syncer.copier` for the distribution quirk that makes that matter).
+:mod:`syncer.copy.copier` for the distribution quirk that makes that matter).
 
 :class:`LocalBlobCoordinator` serves threads in one process; the distributed mode supplies
-one backed by Redis with the same methods (see ``syncer.redis_coordinator``).
+one backed by Redis with the same methods (see ``workers.redis_coordinator``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
-from syncer.errors import TimeLimitExceeded
+from syncer.registry.errors import TimeLimitExceeded
 
 
 class BlobCoordinator(Protocol):

@@ -18,10 +18,10 @@ matters because real registries redirect blob GETs to object storage.
 Token fetches are *single-flight* per scope set: when many threads need a token for the same
 scopes at once (a run starting, a token expiring), one fetches it under a lock per scope key
 and the others wait for it and use it. A fetch is retried in place under
-:data:`~syncer.retry.REQUEST_RETRIES`; a 429 from the token server becomes a
-:class:`~syncer.errors.RateLimitedError` carrying its ``Retry-After`` and pauses the token
-server's host in the shared :class:`~syncer.hostgate.Gate`. Messages name status codes only:
-no credential, token or refresh token ever reaches an exception or a log line.
+:data:`~syncer.registry.retry.REQUEST_RETRIES`; a 429 from the token server becomes a
+:class:`~syncer.registry.errors.RateLimitedError` carrying its ``Retry-After`` and pauses the
+token server's host in the shared :class:`~syncer.registry.hostgate.Gate`. Messages name status
+codes only: no credential, token or refresh token ever reaches an exception or a log line.
 """
 
 from __future__ import annotations
@@ -35,11 +35,16 @@ from urllib.parse import urlparse
 
 import requests
 
-from syncer.credentials import Credentials
-from syncer.errors import AuthenticationError, RateLimitedError, ServerError, TransportError
-from syncer.hostgate import DEFAULT_RATE_LIMIT_PAUSE, Gate, HostGate
-from syncer.reference import api_host
-from syncer.retry import (
+from syncer.registry.credentials import Credentials
+from syncer.registry.errors import (
+    AuthenticationError,
+    RateLimitedError,
+    ServerError,
+    TransportError,
+)
+from syncer.registry.hostgate import DEFAULT_RATE_LIMIT_PAUSE, Gate, HostGate
+from syncer.registry.reference import api_host
+from syncer.registry.retry import (
     REQUEST_RETRIES,
     RetryPolicy,
     call_with_retries,

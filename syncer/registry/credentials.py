@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from syncer.reference import normalize_registry
+from syncer.registry.reference import normalize_registry
 
 # docker login stores Docker Hub credentials under this legacy key.
 _DOCKER_HUB_CONFIG_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io")

@@ -2,7 +2,7 @@
 
 On a terminal it is a rich progress bar; elsewhere nothing is drawn (the log lines say it
 all). The view polls a ``summary()`` callable, so the same view serves the embedded run
-(a :class:`~syncer.ledger.MemoryLedger`) and a distributed run (a Redis ledger).
+(a :class:`~syncer.run.ledger.MemoryLedger`) and a distributed run (a Redis ledger).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from syncer.copier import human_bytes
-from syncer.ledger import RunSummary
+from syncer.run.ledger import RunSummary
+from syncer.run.report import human_bytes
 
 
 class ByteCounter:

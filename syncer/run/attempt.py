@@ -1,19 +1,19 @@
 """Run one job: the piece both executors share (the thread pool and the Celery task).
 
 ``attempt_job`` makes one attempt and lets errors out, so that each executor applies the
-one :class:`~syncer.retry.RetryPolicy` in its own way (a sleep in a thread, or a Celery retry
-with a countdown). ``describe_error`` turns any failure into the one-line reason the ledger,
-the summary and the failed-images file show.
+one :class:`~syncer.registry.retry.RetryPolicy` in its own way (a sleep in a thread, or a
+Celery retry with a countdown). ``describe_error`` turns any failure into the one-line reason
+the ledger, the summary and the failed-images file show.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from syncer.copier import CopyResult, ImageCopier
-from syncer.errors import SyncerError
-from syncer.jobs import Job
-from syncer.reference import parse_reference
+from syncer.copy.copier import CopyResult, ImageCopier
+from syncer.plan.jobs import Job
+from syncer.registry.errors import SyncerError
+from syncer.registry.reference import parse_reference
 
 
 def attempt_job(

@@ -1,16 +1,16 @@
 """HTTP transport for one registry host: TLS mode, scheme discovery, auth, response → error,
 in-place retries and the shared rate-limit gate.
 
-This is the one place where HTTP responses become the typed errors of :mod:`syncer.errors`
+This is the one place where HTTP responses become the typed errors of :mod:`syncer.registry.errors`
 (:func:`raise_for_response`), and where requests' exceptions become :class:`TransportError`.
 
 **Retries where the fault happens.** Every request whose body can be sent again (no body,
 ``bytes`` or ``str``: ping, token fetch, HEAD/GET manifest, tags and catalog pages, blob HEAD,
 mount and upload POST, manifest PUT — the same bytes, so idempotent — upload DELETE) is
-retried in place on a transient error (:func:`syncer.errors.is_transient`) under
-:data:`syncer.retry.REQUEST_RETRIES`: exponential backoff with jitter, ``Retry-After``
+retried in place on a transient error (:func:`syncer.registry.errors.is_transient`) under
+:data:`syncer.registry.retry.REQUEST_RETRIES`: exponential backoff with jitter, ``Retry-After``
 honoured up to 30 s (a longer one is raised, for the image-level retry to wait out), never
-past the copy's deadline (:func:`syncer.retry.current_deadline`). A streamed GET is retried
+past the copy's deadline (:func:`syncer.registry.retry.current_deadline`). A streamed GET is retried
 only until its headers arrive — its body belongs to the caller. A streamed upload body (an
 iterator) cannot be replayed, so it is not retried here; the blob code resumes it one layer up.
 
@@ -20,10 +20,10 @@ running the token flow again, cannot read the spec error codes of a body (``TOOM
 in a 400, ``UNAVAILABLE``), never sees a body that breaks after the headers (requests reads it
 after urllib3 has returned), sleeps a ``Retry-After`` without our cap-then-defer rule, and
 knows neither the shared host gate nor the copy's deadline. So the adapter keeps
-``max_retries=0`` and the one :class:`~syncer.retry.RetryPolicy` drives a small loop here.
+``max_retries=0`` and the one :class:`~syncer.registry.retry.RetryPolicy` drives a small loop here.
 
 **Rate limits are shared.** Before each request the transport waits at the process's
-:class:`~syncer.hostgate.Gate`; a 429 (or a 503 with ``Retry-After``) pauses that host for
+:class:`~syncer.registry.hostgate.Gate`; a 429 (or a 503 with ``Retry-After``) pauses that host for
 every thread of the process — and, with the Redis gate of the distributed mode, every worker.
 """
 
@@ -39,9 +39,9 @@ from urllib.parse import urlparse
 import requests
 from requests.adapters import HTTPAdapter
 
-from syncer.auth import Authenticator
-from syncer.credentials import CredentialStore
-from syncer.errors import (
+from syncer.registry.auth import Authenticator
+from syncer.registry.credentials import CredentialStore
+from syncer.registry.errors import (
     AuthenticationError,
     NotFoundError,
     RateLimitedError,
@@ -50,9 +50,9 @@ from syncer.errors import (
     SpecError,
     TransportError,
 )
-from syncer.hostgate import DEFAULT_RATE_LIMIT_PAUSE, Gate, HostGate
-from syncer.reference import api_host
-from syncer.retry import (
+from syncer.registry.hostgate import DEFAULT_RATE_LIMIT_PAUSE, Gate, HostGate
+from syncer.registry.reference import api_host
+from syncer.registry.retry import (
     REQUEST_RETRIES,
     RetryPolicy,
     call_with_retries,

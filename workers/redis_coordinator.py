@@ -1,4 +1,4 @@
-"""Blob dedupe across worker processes and hosts, in Redis (see :mod:`syncer.dedupe`).
+"""Blob dedupe across worker processes and hosts, in Redis (see :mod:`syncer.copy.coordinator`).
 
 - ``syncer:bloblock:<registry>:<key>``: an exclusive lock — redis-py's :class:`redis.lock.Lock`
   (``SET NX PX`` with a random token, Lua compare-and-delete release) — keyed by a blob digest
@@ -10,7 +10,7 @@
   the blob — cross-repository mount candidates for every worker.
 
 A waiter never waits past the copy's deadline (it raises
-:class:`~syncer.errors.TimeLimitExceeded` then) nor longer than ``max_wait``; past
+:class:`~syncer.registry.errors.TimeLimitExceeded` then) nor longer than ``max_wait``; past
 ``max_wait``, or when Redis fails, it goes on *unlocked*: a duplicate upload of the same
 content-addressed blob is safe, only wasteful.
 """
@@ -28,14 +28,14 @@ import redis
 from redis.exceptions import LockError
 from redis.lock import Lock
 
-from syncer.errors import TimeLimitExceeded
+from syncer.registry.errors import TimeLimitExceeded
 
 HOLDERS_TTL = 7 * 24 * 3600
 log = logging.getLogger(__name__)
 
 
 class RedisBlobCoordinator:
-    """Implements :class:`syncer.dedupe.BlobCoordinator` over Redis.
+    """Implements :class:`syncer.copy.coordinator.BlobCoordinator` over Redis.
 
     ``lock_ttl``: seconds a lock outlives a holder that stopped refreshing it (died) — no
     longer than it takes the liveness layer to enqueue a dead worker's jobs again (30-50 s),

@@ -13,7 +13,7 @@ whole blob in memory), every byte hashed before it is handed out.
   never past the copy's deadline: a long transfer over a link that breaks now and then
   keeps going as long as each GET makes progress, a source that makes none gives up.
 - The last chunk is withheld until the whole blob has been hashed and matches its digest:
-  on a mismatch the reader raises :class:`~syncer.errors.IntegrityError` instead, so the
+  on a mismatch the reader raises :class:`~syncer.registry.errors.IntegrityError` instead, so the
   destination never receives the full ``Content-Length`` of a wrong body and cannot
   complete the upload with it.
 - :meth:`BlobReader.seek` repositions the stream to any offset the destination reports it
@@ -24,7 +24,7 @@ whole blob in memory), every byte hashed before it is handed out.
   one thing it cannot re-check — the destination's own ``?digest=`` check does that.
 
 :func:`copy_blob` is the destination side's outer loop: one upload session
-(:meth:`~syncer.registry.RegistryClient.upload_blob`, which resumes broken PATCHes itself);
+(:meth:`~syncer.registry.client.RegistryClient.upload_blob`, which resumes broken PATCHes itself);
 when a session cannot be resumed (a broken monolithic PUT, a session the registry lost, a
 source body that failed its digest) the old session is aborted and that blob alone starts
 over — new session, new GET — a bounded number of times (:data:`BLOB_RESTARTS`).
@@ -43,9 +43,10 @@ from dataclasses import dataclass
 import requests
 import urllib3
 
-from syncer.errors import IntegrityError, RegistryError, TimeLimitExceeded, TransportError
-from syncer.registry import STREAM_CHUNK, RegistryClient
-from syncer.retry import REQUEST_RETRIES, RetryPolicy, deadline_scope
+from syncer.registry.client import RegistryClient
+from syncer.registry.errors import IntegrityError, RegistryError, TimeLimitExceeded, TransportError
+from syncer.registry.retry import REQUEST_RETRIES, RetryPolicy, deadline_scope
+from syncer.registry.uploads import STREAM_CHUNK
 
 log = logging.getLogger(__name__)
 

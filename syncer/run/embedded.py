@@ -10,13 +10,14 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from syncer.copier import ImageCopier
-from syncer.jobs import Job, Plan
-from syncer.ledger import Ledger
-from syncer.retry import RetryPolicy, call_with_retries
-from syncer.runner import attempt_job, describe_error
+from syncer.copy.copier import ImageCopier
+from syncer.plan.jobs import Job, Plan
+from syncer.registry.retry import RetryPolicy, call_with_retries
+from syncer.run.attempt import attempt_job, describe_error
+from syncer.run.ledger import Ledger
+from syncer.run.report import result_line
 
-log = logging.getLogger("syncer.local")
+log = logging.getLogger("syncer.run.embedded")
 
 
 def run_plan(
@@ -59,7 +60,7 @@ def run_plan(
             log.error("failed %s: %s", job.label, reason)
         else:
             ledger.mark_done(job.id, result.to_dict())
-            log.info("%s", result.summary())
+            log.info("%s", result_line(result))
         if on_job_done is not None:
             on_job_done()
 

@@ -1,6 +1,6 @@
 """The one retry policy, shared by every layer that retries: a request, a token fetch, an image.
 
-Only transient errors (:func:`syncer.errors.is_transient`) are retried. The delay grows
+Only transient errors (:func:`syncer.registry.errors.is_transient`) are retried. The delay grows
 exponentially from ``base`` and is capped at ``cap``; "full jitter" (a uniform draw between
 half the delay and the delay) keeps many workers from retrying a recovering registry in step.
 A registry's ``Retry-After`` (429 / 503) wins over the computed delay when it is longer, up
@@ -8,9 +8,10 @@ to ``retry_after_cap``, so a rate limit is obeyed but cannot park a worker for a
 
 Two layers use it, with different parameters and never stacked on the same failure:
 
-- :data:`REQUEST_RETRIES`, in place, by :mod:`syncer.transport` (every request whose body can
-  be replayed) and :mod:`syncer.auth` (token fetches): a few quick tries, where the fault
-  happened. A ``Retry-After`` longer than its cap is not slept on here: the error goes up to
+- :data:`REQUEST_RETRIES`, in place, by :mod:`syncer.registry.transport` (every request whose
+  body can be replayed) and :mod:`syncer.registry.auth` (token fetches): a few quick tries,
+  where the fault happened. A ``Retry-After`` longer than its cap is not slept on here: the
+  error goes up to
 - the image-level policy (``--retries``), run by the embedded pool and the Celery task, which
   retries whatever is left — the whole image — and honours long ``Retry-After`` values.
 
@@ -32,7 +33,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
-from syncer.errors import is_transient, retry_after
+from syncer.registry.errors import is_transient, retry_after
 
 T = TypeVar("T")
 

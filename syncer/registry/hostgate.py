@@ -6,7 +6,7 @@ many threads copying images would find that out for itself, one more 429 each. W
 transport records the pause (:meth:`HostGate.pause`) and every thread asks the gate before
 sending (:meth:`HostGate.wait`), so new requests to that host wait until the pause is over.
 
-:class:`HostGate` is in-process (one per :class:`~syncer.registry.Registries`, i.e. per
+:class:`HostGate` is in-process (one per :class:`~syncer.registry.client.Registries`, i.e. per
 process). The distributed mode shares pauses across workers with ``workers.redis_hostgate``,
 which satisfies the same :class:`Gate` protocol.
 """
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from syncer.retry import current_deadline
+from syncer.registry.retry import current_deadline
 
 # The longest pause one answer can impose. A registry that asks for an hour gets obeyed by
 # the image-level retry (which raises after waiting what it can); the gate only holds back
@@ -76,8 +76,9 @@ class HostGate:
         return 0.0 if until is None else until - now
 
     def wait(self, host: str) -> None:
-        """Sleep while ``host`` is paused; never past :func:`~syncer.retry.current_deadline`
-        (the request then goes ahead and its own error, or the copy's time limit, decides)."""
+        """Sleep while ``host`` is paused; never past
+        :func:`~syncer.registry.retry.current_deadline` (the request then goes ahead and its own
+        error, or the copy's time limit, decides)."""
         while True:
             left = self.remaining(host)
             if left <= 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from syncer.mediatypes import PlatformFilter
+from syncer.registry.mediatypes import PlatformFilter
 
 
 @dataclass(frozen=True)

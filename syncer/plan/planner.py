@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Protocol, TypeVar
 
-from syncer.errors import ReferenceError_
-from syncer.jobs import Job, Plan, PlanFailure
-from syncer.mediatypes import PlatformFilter
-from syncer.reference import TAG_RE, Repository, split_repository
-from syncer.rules import ALL_TAGS, Destination, Rule, TagSelector
+from syncer.plan.jobs import Job, Plan, PlanFailure
+from syncer.plan.rules import ALL_TAGS, Destination, Rule, TagSelector
+from syncer.registry.errors import ReferenceError_
+from syncer.registry.mediatypes import PlatformFilter
+from syncer.registry.reference import TAG_RE, Repository, split_repository
 
 K = TypeVar("K", bound=Hashable)
 

@@ -15,7 +15,7 @@ Every mistake is collected and reported at once in one :class:`ConfigError`, one
 position 0``. Key paths start with ``auth`` or ``images`` in both layouts. Values of
 ``password`` are never echoed.
 
-The image rules themselves (forms, tag regexes) are parsed by :mod:`syncer.rules`.
+The image rules themselves (forms, tag regexes) are parsed by :mod:`syncer.plan.rules`.
 
 ``${VAR}`` / ``$VAR`` are expanded from the environment in ``username``, ``password`` and
 destinations (not in source keys, whose regexes may end with ``$``); ``$$`` is a literal ``$``.
@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from marshmallow import RAISE, Schema, ValidationError, fields
 
-from syncer.configfile import (
+from syncer.plan.documents import (
     error_messages,
     flatten,
     key_path,
@@ -43,10 +43,10 @@ from syncer.configfile import (
     top_is_mapping,
     type_name,
 )
-from syncer.credentials import AuthEntry, Credentials
-from syncer.errors import ConfigError, ReferenceError_
-from syncer.reference import is_registry_segment, split_repository
-from syncer.rules import Destination, Rule, RuleSyntaxError, parse_destination, parse_source
+from syncer.plan.rules import Destination, Rule, RuleSyntaxError, parse_destination, parse_source
+from syncer.registry.credentials import AuthEntry, Credentials
+from syncer.registry.errors import ConfigError, ReferenceError_
+from syncer.registry.reference import is_registry_segment, split_repository
 
 PathArg = str | os.PathLike[str] | None
 

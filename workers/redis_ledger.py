@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import redis
 
-from syncer.jobs import Job, PlanFailure
-from syncer.ledger import COUNTERS, JobRecord, RunSummary, tally_records
+from syncer.plan.jobs import Job, PlanFailure
+from syncer.run.ledger import COUNTERS, JobRecord, RunSummary, tally_records
 
 DEFAULT_TTL = 7 * 24 * 3600
 RUNS_KEY = "syncer:runs"
@@ -153,7 +153,7 @@ class RunNotFound(LookupError):
 
 
 class RedisLedger:
-    """The :class:`~syncer.ledger.Ledger` of one run, stored in Redis."""
+    """The :class:`~syncer.run.ledger.Ledger` of one run, stored in Redis."""
 
     def __init__(self, client: redis.Redis, run_id: str, *, ttl: int = DEFAULT_TTL):
         self.redis = client

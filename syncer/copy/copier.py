@@ -20,13 +20,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from syncer.blobstream import copy_blob
-from syncer.dedupe import BlobCoordinator, LocalBlobCoordinator, manifest_key
-from syncer.errors import NotFoundError, RegistryError, TimeLimitExceeded
-from syncer.mediatypes import INDEXES, Platform, PlatformFilter
-from syncer.reference import Reference
-from syncer.registry import Manifest, Registries, RegistryClient, sha256_digest
-from syncer.retry import deadline_scope
+from syncer.copy.blobstream import copy_blob
+from syncer.copy.coordinator import BlobCoordinator, LocalBlobCoordinator, manifest_key
+from syncer.registry.client import Manifest, Registries, RegistryClient, sha256_digest
+from syncer.registry.errors import NotFoundError, RegistryError, TimeLimitExceeded
+from syncer.registry.mediatypes import INDEXES, Platform, PlatformFilter
+from syncer.registry.reference import Reference
+from syncer.registry.retry import deadline_scope
 
 BLOB_WORKERS = 4  # blobs of one image copied at once
 # A manifest PUT refused because something it names is unknown: re-check and retry this often.
@@ -35,7 +35,7 @@ PUSH_RECHECKS = 3
 _UNKNOWN_CONTENT_CODES = frozenset(
     {"MANIFEST_BLOB_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN", "DIGEST_INVALID"}
 )
-log = logging.getLogger("syncer.copier")
+log = logging.getLogger("syncer.copy.copier")
 # Layers that registries never store (Windows base layers): they are fetched from their URLs.
 _FOREIGN_MARKERS = ("foreign", "nondistributable")
 
@@ -57,26 +57,6 @@ class CopyResult:
     def to_dict(self) -> dict:
         """Plain data (for a task result or a ledger entry)."""
         return asdict(self)
-
-    def summary(self) -> str:
-        """A one-line human summary."""
-        if self.status == "skipped":
-            return f"skipped {self.source} -> {self.destination}: up to date ({self.digest[:19]})"
-        return (
-            f"synced {self.source} -> {self.destination} {self.digest[:19]}: "
-            f"{self.manifests_pushed} manifests, {self.blobs_copied} blobs copied "
-            f"({human_bytes(self.bytes_copied)}), {self.blobs_mounted} mounted, "
-            f"{self.blobs_existing} existing"
-        )
-
-
-def human_bytes(count: float) -> str:
-    """``1.5 MiB``-style text for a byte count."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count} B"
 
 
 def filter_index(index: Manifest, platforms: PlatformFilter) -> Manifest:
@@ -152,7 +132,7 @@ class ImageCopier:
         """Copy ``source`` to ``destination``; skip when the destination already matches.
 
         ``deadline`` (a ``time.monotonic()`` value) bounds the whole copy: past it the copy
-        stops between chunks with :class:`~syncer.errors.TimeLimitExceeded`, and no
+        stops between chunks with :class:`~syncer.registry.errors.TimeLimitExceeded`, and no
         request-level retry waits past it.
         """
         with deadline_scope(deadline):
@@ -301,7 +281,7 @@ class ImageCopier:
 
     def _stream_blob(self, src, src_repo, dst, dst_repo, digest, size, tally) -> None:
         """Stream one blob across, verified, resumed and restarted as needed
-        (:func:`syncer.blobstream.copy_blob`); progress is reported per chunk pushed."""
+        (:func:`syncer.copy.blobstream.copy_blob`); progress is reported per chunk pushed."""
         transfer = copy_blob(
             src, src_repo, dst, dst_repo, digest, size,
             on_bytes=tally.bytes_moved, deadline=tally.deadline,

@@ -2,16 +2,17 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := docker-registry redis-server skopeo apache2-utils time
+APT_PACKAGES := docker-registry redis-server skopeo apache2-utils time chromium
 PYTEST_ARGS ?= -n 2
 
 .PHONY: install system-deps venv test unit lint demo bench up down clean
 
 install: system-deps venv
 
-# Debian packages the tests, demo and bench run against (real registries, Redis, skopeo).
+# Debian packages the tests, demo and bench run against (real registries, Redis, skopeo;
+# Chromium for the test that renders Flower's pages).
 system-deps:
-	@missing=""; for b in docker-registry redis-server skopeo htpasswd /usr/bin/time; do \
+	@missing=""; for b in docker-registry redis-server skopeo htpasswd /usr/bin/time chromium; do \
 	  command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages for:$$missing"; \
@@ -37,8 +38,10 @@ unit: venv
 lint: venv
 	$(BIN)/ruff check .
 
+# Both modes on throw-away local registries; stops everything it starts (also on Ctrl-C).
+# DEMO_ARGS=--hold keeps Redis, the workers and Flower up until Enter, to look around.
 demo: install
-	$(BIN)/python -m scripts.demo
+	$(BIN)/python -m scripts.demo $(DEMO_ARGS)
 
 bench: install
 	$(BIN)/python -m scripts.bench

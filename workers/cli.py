@@ -13,20 +13,23 @@ import sys
 import click
 
 from syncer.cli import (
+    LOG_FORMAT_OPTION,
     PATH,
+    RULE_OPTIONS,
     OutputOptions,
     RuleOptions,
+    apply_options,
     cli,
     fail_usage,
     finish,
     guard,
     prepare,
     print_json,
+    start_metrics,
     sync_options,
 )
 from syncer.registry.errors import ConfigError
-from syncer.run.logsetup import configure_logging
-from syncer.run.report import exit_code, render_summary
+from syncer.run.logsetup import configure_logging, configure_root_logging
 
 # The default (workers.settings.DEFAULT_STALL_TIMEOUT, 600 s) is applied by workers.runs, so
 # that this module does not import the Celery settings for the embedded commands.
@@ -44,6 +47,8 @@ stall_option = click.option(
 
 def exit_stalled(stalled, as_json: bool) -> None:
     """Report a :class:`workers.runs.RunStalled` (unfinished images named) and exit 1."""
+    from syncer.run.report import render_summary
+
     lines = [f"error: {stalled}:"]
     for record in stalled.unfinished[:50]:
         where = f" on {record.worker}" if record.worker and record.state != "pending" else ""
@@ -79,6 +84,7 @@ def plan(config, wait, as_json, stall_timeout, **options) -> None:
 
     CONFIG is the legacy single config file (the same as --config).
     """
+    from syncer.run.report import exit_code
     from workers.redis_ledger import RunNotFound
     from workers.runs import RunStalled, enqueue, wait_for
 
@@ -86,7 +92,7 @@ def plan(config, wait, as_json, stall_timeout, **options) -> None:
     rules.config_file = config or rules.config_file
     if output.dry_run:
         fail_usage(["plan: --dry-run belongs to 'syncer sync --dry-run'"])
-    prepared = prepare(rules, log_file=output.log_file)
+    prepared = prepare(rules, log_file=output.log_file, log_format=output.log_format)
     ledger = enqueue(prepared.plan, rules.retries)
     run_id = ledger.run_id
     prepared.registries.close()
@@ -125,24 +131,34 @@ def plan(config, wait, as_json, stall_timeout, **options) -> None:
 @click.argument("run_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--watch", is_flag=True, help="Keep watching until the run ends.")
+@click.option("--schedule", "schedule_name", metavar="NAME",
+              help="List the runs of this schedule ('syncer schedule').")
 @stall_option
-def status(run_id, as_json, watch, stall_timeout) -> None:
+def status(run_id, as_json, watch, stall_timeout, schedule_name) -> None:
     """Show a run's totals, rates and failures (from any host with access to Redis).
 
-    Without RUN_ID, list the recent runs.
+    Without RUN_ID, list the recent runs (those a schedule started are marked).
     """
+    from syncer.run.report import exit_code, render_summary
     from workers.redis_ledger import RunNotFound
-    from workers.runs import RunStalled, open_ledger, recent_runs, wait_for
+    from workers.runs import RunStalled, open_ledger, wait_for
 
     if run_id is None:
-        runs = recent_runs()
+        from workers.schedule import listing
+
+        try:
+            runs, schedules = listing(schedule_name)
+        except ValueError as exc:  # not a schedule name
+            fail_usage([f"status --schedule: {exc}"])
         if as_json:
-            print_json({"runs": [summary.to_dict() for summary in runs]})
+            print_json({"runs": [dict(summary.to_dict(), schedule=schedules.get(summary.run_id))
+                                 for summary in runs]})
         for summary in [] if as_json else runs:
             state = "done" if summary.complete else "running"
+            scheduled = schedules.get(summary.run_id)
             click.echo(
                 f"{summary.run_id}  {state:<7}  {summary.done}/{summary.total} images, "
-                f"{summary.failed} failed"
+                f"{summary.failed} failed" + (f"  schedule {scheduled}" if scheduled else "")
             )
         return
     ledger = open_ledger(run_id)
@@ -162,6 +178,68 @@ def status(run_id, as_json, watch, stall_timeout) -> None:
     else:
         click.echo(render_summary(summary))
     sys.exit(exit_code(summary))
+
+
+@cli.command()
+@click.argument("config", required=False, type=PATH)
+@click.option("--every", "every", required=True, metavar="DURATION",
+              help="The period: 30m, 2h, 1h30m, 45s, 1d. Periods start at multiples of it "
+              "since the epoch (UTC): --every 30m runs at hh:00 and hh:30.")
+@click.option("--name", metavar="NAME",
+              help="The schedule's name, shared by its schedulers (default: the config or "
+              "images file name without extension).")
+@lambda func: apply_options(func, RULE_OPTIONS)
+@click.option("--log", "log_file", type=PATH, help="Write the log here instead of stderr.")
+@LOG_FORMAT_OPTION
+def schedule(config, every, name, log_file, log_format, **options) -> None:
+    """Keep a config in sync: enqueue a run every period, one at a time (runs like 'plan').
+
+    The first run starts now, then one per period. A period that begins while the previous
+    run is still going is skipped (logged); after a pause, one run, not one per missed period.
+    Runs until stopped (Ctrl-C, SIGTERM); the config is read again for every run.
+    """
+    import signal
+
+    from syncer.plan.config import load_config
+    from workers.context import redis_client
+    from workers.runs import enqueue, planner_reaper
+    from workers.schedule import Scheduler, ScheduleStore, check_name, default_name, parse_every
+
+    rules = RuleOptions.take(options)
+    rules.config_file = config or rules.config_file
+    try:
+        period = parse_every(every)
+        name = check_name(name or default_name(rules.config_file, rules.images_file))
+        load_config(rules.config_file, rules.auth_file, rules.images_file)  # exit 2 now
+    except ValueError as exc:
+        fail_usage([f"schedule: {exc}"])
+    except ConfigError as exc:
+        fail_usage(exc.problems)
+    configure_logging(log_file=log_file, secrets=(), log_format=log_format)
+
+    def start_run():
+        try:
+            prepared = prepare(rules, log_file=log_file, log_format=log_format)
+        except SystemExit:  # the config went bad since: its problems are printed already
+            raise RuntimeError("the config is not valid (see the errors above)") from None
+        try:
+            return enqueue(prepared.plan, rules.retries)
+        finally:
+            prepared.registries.close()
+
+    def terminate(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    client = redis_client()
+    scheduler = Scheduler(ScheduleStore(client, name), period, start_run,
+                          reap=planner_reaper(client))
+    logging.getLogger("syncer.schedule").info(
+        "schedule %s: a run every %s (%gs), periods aligned on the epoch", name, every, period)
+    try:
+        scheduler.run()
+    except KeyboardInterrupt:
+        logging.getLogger("syncer.schedule").info("schedule %s: stopped", name)
 
 
 @cli.command()
@@ -203,7 +281,18 @@ def status(run_id, as_json, watch, stall_timeout) -> None:
     help="Also copy from/to this registry (repeatable; '*' = any). Default: only the registries "
     "of this worker's auth file. Env SYNCER_ALLOWED_REGISTRIES (comma-separated).",
 )
-def worker(concurrency, pool, auth_file, config_file, hostname, loglevel, allowed) -> None:
+@click.option(
+    "--metrics-port",
+    "metrics_listen",
+    envvar="SYNCER_METRICS_PORT",
+    show_envvar=True,
+    metavar="[ADDRESS:]PORT",
+    help="Serve this worker's Prometheus metrics at /metrics (address 127.0.0.1 unless given; "
+    "with --pool prefork, the sum over its child processes).",
+)
+@LOG_FORMAT_OPTION
+def worker(concurrency, pool, auth_file, config_file, hostname, loglevel, allowed,
+           metrics_listen, log_format) -> None:
     """Start a Celery worker that copies images (credentials from this host's files)."""
     if config_file:
         os.environ["SYNCER_CONFIG_FILE"] = os.path.abspath(config_file)
@@ -221,7 +310,9 @@ def worker(concurrency, pool, auth_file, config_file, hostname, loglevel, allowe
         allowlist = worker_allowlist()
     except ConfigError as exc:
         fail_usage(exc.problems)
-    configure_logging(log_file=None, secrets=store.secrets)
+    configure_logging(log_file=None, secrets=store.secrets, log_format=log_format)
+    # Prefork children copy: their counts meet in prometheus_client's multiprocess files.
+    start_metrics(metrics_listen, multiprocess=pool == "prefork")
     announce(allowlist)
     logging.getLogger("syncer.worker").info("%s", describe_signing(app))
     argv = [
@@ -236,16 +327,51 @@ def worker(concurrency, pool, auth_file, config_file, hostname, loglevel, allowe
         "--without-gossip",
         "--without-mingle",
     ]
+    if log_format == "json":
+        json_worker_logs(store.secrets, loglevel)
+        argv.insert(0, "--quiet")  # no ASCII-art banner among the JSON lines
     app.worker_main(argv)
+
+
+def json_worker_logs(secrets_: tuple[str, ...], loglevel: str) -> None:
+    """Celery's own log lines (and every other library's, and Python warnings) as JSON too:
+    set up now, for what is said before Celery configures logging (its warning about
+    running as root), and a ``setup_logging`` receiver replaces Celery's set-up with ours."""
+    from celery import signals
+
+    def setup(loglevel=None, **_) -> None:
+        configure_root_logging(level=loglevel or logging.INFO, secrets=secrets_,
+                               log_format="json")
+
+    setup(loglevel)
+    logging.captureWarnings(True)
+    signals.setup_logging.connect(setup, weak=False)
 
 
 @cli.command()
 @click.option("--port", default=5555, show_default=True, type=int)
-@click.option("--address", default="127.0.0.1", show_default=True)
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Listen address. Flower serves /metrics and /healthcheck without authentication: "
+    "keep it on loopback behind a reverse proxy (README, 'Flower').",
+)
 def flower(port, address) -> None:
-    """Start Flower on the same broker. Set FLOWER_BASIC_AUTH=user:password to protect it."""
-    from workers.app import app
+    """Start Flower on the same broker. Set FLOWER_BASIC_AUTH=user:password to protect it.
 
+    The tasks page shows each task's image (args: SRC -> DST) and run id (kwargs);
+    FLOWER_TASKS_COLUMNS or a flowerconfig.py change that (workers/flowerconfig.py).
+    """
+    from workers.app import app
+    from workers.flowerconfig import apply_defaults
+
+    apply_defaults()
+    if not (os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH")) and (
+        address not in ("127.0.0.1", "localhost", "::1")
+    ):
+        click.echo(f"warning: Flower on {address} without FLOWER_BASIC_AUTH: anyone who can "
+                   "reach the port can see and stop tasks", err=True)
     # Flower reads FLOWER_BASIC_AUTH (and every FLOWER_* option) from the environment itself;
     # passing it on the command line would show the password in `ps`.
     app.start(["flower", f"--port={port}", f"--address={address}"])

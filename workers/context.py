@@ -17,9 +17,11 @@ from syncer.copy.copier import ImageCopier
 from syncer.plan.config import load_auth_file
 from syncer.registry.client import Registries
 from syncer.registry.credentials import CredentialStore
+from syncer.registry.limits import Limiter
 from workers.redis_coordinator import RedisBlobCoordinator
 from workers.redis_hostgate import RedisHostGate
 from workers.redis_ledger import RedisLedger
+from workers.redis_limiter import RedisLimitBackend
 from workers.settings import redis_url
 
 
@@ -72,7 +74,9 @@ def get_context() -> WorkerContext:
             store = load_worker_store()
             client = redis_client()
             # Rate-limit pauses (429 / Retry-After) are shared with every worker via Redis.
-            registries = Registries(store, gate=RedisHostGate(client))
+            # So are the auth file's per-registry limits (max_concurrency, requests_per_second).
+            registries = Registries(store, gate=RedisHostGate(client),
+                                    limiter=Limiter(RedisLimitBackend(client)))
             coordinator = RedisBlobCoordinator(client)
             _context = WorkerContext(
                 registries, ImageCopier(registries, coordinator=coordinator), client, store.secrets

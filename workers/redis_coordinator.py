@@ -8,6 +8,9 @@
   seconds, and a waiter takes over.
 - ``syncer:blobrepos:<registry>:<digest>``: a set of destination repositories known to hold
   the blob — cross-repository mount candidates for every worker.
+- ``syncer:blobhere:<registry>:<repository>@<digest>``: "confirmed there" by some worker,
+  expiring after :data:`~syncer.copy.coordinator.PRESENCE_TTL` — another worker that needs the
+  blob there skips its own check (a request to the registry for a Redis round trip).
 
 A waiter never waits past the copy's deadline (it raises
 :class:`~syncer.registry.errors.TimeLimitExceeded` then) nor longer than ``max_wait``; past
@@ -28,6 +31,7 @@ import redis
 from redis.exceptions import LockError
 from redis.lock import Lock
 
+from syncer.copy.coordinator import PRESENCE_TTL
 from syncer.registry.errors import TimeLimitExceeded
 
 HOLDERS_TTL = 7 * 24 * 3600
@@ -58,11 +62,17 @@ class RedisBlobCoordinator:
         self.max_wait = max_wait
 
     @contextmanager
-    def lock(self, registry: str, key: str, *, deadline: float | None = None) -> Iterator[None]:
-        """Hold the lock for ``key`` on ``registry`` (waits while another holds it).
+    def lock(
+        self, registry: str, key: str, *, deadline: float | None = None,
+        wait: float | None = None,
+    ) -> Iterator[bool]:
+        """Hold the lock for ``key`` on ``registry`` (waits while another holds it); the
+        context value is True.
 
         Raises :class:`TimeLimitExceeded` when ``deadline`` (a ``time.monotonic()`` value)
-        comes first; goes on unlocked when ``max_wait`` passes or Redis fails.
+        comes first; goes on unlocked when ``max_wait`` passes or Redis fails. With ``wait``
+        (seconds, 0: not at all) a lock still held by another after that long is given up:
+        the value is False then, and nothing is held.
         """
         name = f"syncer:bloblock:{registry}:{key}"
         # thread_local=False: the token must be visible to the watchdog thread that extends it.
@@ -73,19 +83,25 @@ class RedisBlobCoordinator:
         limit = self.max_wait
         if deadline is not None:
             limit = min(limit, deadline - time.monotonic())
+        patient = wait is not None and wait < limit  # give up before the deadline/max_wait
+        if patient:
+            limit = wait
         try:
             acquired = limit > 0 and lock.acquire(blocking=True, blocking_timeout=limit)
             if not acquired and limit <= 0:
                 acquired = lock.acquire(blocking=False)  # free right now: take it anyway
         except redis.RedisError as exc:
             log.warning("lock %s: Redis unavailable (%s); going on unlocked", name, exc)
-            yield
+            yield True
+            return
+        if not acquired and patient:
+            yield False
             return
         if not acquired:
             if deadline is not None and time.monotonic() + self.poll >= deadline:
                 raise TimeLimitExceeded(f"time limit exceeded waiting for {key} on {registry}")
             log.warning("lock %s: still held after %.0fs; going on unlocked", name, limit)
-            yield
+            yield True
             return
         stop = threading.Event()
         watchdog = threading.Thread(
@@ -93,7 +109,7 @@ class RedisBlobCoordinator:
         )
         watchdog.start()
         try:
-            yield
+            yield True
         finally:
             stop.set()
             watchdog.join()
@@ -119,12 +135,25 @@ class RedisBlobCoordinator:
         return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
 
     def record(self, registry: str, repository: str, digest: str) -> None:
-        """Remember that ``repository`` holds the blob."""
+        """Remember that ``repository`` holds the blob (a mount source for a week, a
+        confirmation for :data:`~syncer.copy.coordinator.PRESENCE_TTL`)."""
         key = f"syncer:blobrepos:{registry}:{digest}"
         try:
-            pipe = self.redis.pipeline()
+            pipe = self.redis.pipeline(transaction=False)
             pipe.sadd(key, repository)
             pipe.expire(key, HOLDERS_TTL)
+            pipe.set(_here_key(registry, repository, digest), 1, ex=int(PRESENCE_TTL))
             pipe.execute()
         except redis.RedisError:
             pass  # only an optimisation: a missed record costs an upload, not correctness
+
+    def confirmed(self, registry: str, repository: str, digest: str) -> bool:
+        """Whether a worker confirmed the blob in ``repository`` within ``PRESENCE_TTL``."""
+        try:
+            return bool(self.redis.exists(_here_key(registry, repository, digest)))
+        except redis.RedisError:
+            return False  # then the registry is asked
+
+
+def _here_key(registry: str, repository: str, digest: str) -> str:
+    return f"syncer:blobhere:{registry}:{repository}@{digest}"

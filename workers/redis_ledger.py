@@ -36,6 +36,8 @@ from syncer.run.ledger import COUNTERS, JobRecord, RunSummary, tally_records
 
 DEFAULT_TTL = 7 * 24 * 3600
 RUNS_KEY = "syncer:runs"
+#: Fields per ``HSET`` when a run is created.
+BEGIN_CHUNK = 1000
 
 # Makes a job final once: its state, reason, digest and byte counters are written only when
 # SADD adds the id to ``final``. Shared by the scripts below. Returns true when it did.
@@ -130,6 +132,49 @@ return 1
 """
 
 
+# A summary's numbers, computed where the states are: the run's meta and counters, how many
+# jobs are running (or retrying), and which ids are final (their records are listed). A state
+# for an id that is not a job of the run (a stray or forged message) is not counted.
+# KEYS: meta, counters, state, jobs. Returns {meta, counters (HGETALL replies), running,
+# {final job ids}}.
+_TALLY = """
+local states = redis.call('HGETALL', KEYS[3])
+local strays = #states / 2 > redis.call('HLEN', KEYS[4])
+local running, final = 0, {}
+for i = 1, #states, 2 do
+  if not strays or redis.call('HEXISTS', KEYS[4], states[i]) == 1 then
+    local state = states[i + 1]
+    if state == 'running' or state == 'retrying' then
+      running = running + 1
+    elseif state == 'synced' or state == 'skipped' or state == 'failed' then
+      final[#final + 1] = states[i]
+    end
+  end
+end
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), running, final}
+"""
+
+# How far the run has moved: the attempts started (every start of a job adds one), the bytes
+# moved by copies in flight, and how many jobs are in each state. Any job starting, retrying,
+# being recovered or finishing changes one of them. KEYS: state, attempts, activity.
+# Returns {attempts, activity, "state=count", ...}.
+_PROGRESS = """
+local counts = {}
+for _, state in ipairs(redis.call('HVALS', KEYS[1])) do
+  counts[state] = (counts[state] or 0) + 1
+end
+local attempts = 0
+for _, started in ipairs(redis.call('HVALS', KEYS[2])) do
+  attempts = attempts + tonumber(started)
+end
+local out = {attempts, redis.call('GET', KEYS[3]) or '0'}
+for state, count in pairs(counts) do
+  out[#out + 1] = state .. '=' .. count
+end
+return out
+"""
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What :meth:`RedisLedger.mark_running` or :meth:`RedisLedger.note_lost` decided.
@@ -164,6 +209,8 @@ class RedisLedger:
         self._start = client.register_script(_START)
         self._lost = client.register_script(_LOST)
         self._retrying = client.register_script(_RETRYING)
+        self._tally = client.register_script(_TALLY)
+        self._progress = client.register_script(_PROGRESS)
 
     def key(self, name: str) -> str:
         """The Redis key of one part of this run's record."""
@@ -191,7 +238,12 @@ class RedisLedger:
             pipe.expire(key, self.ttl)
 
     def begin(self, jobs: list[Job], failures: list[PlanFailure], *, retries: int = 0) -> None:
-        """Create the run: every job pending, every planner failure final."""
+        """Create the run: every job pending, every planner failure final.
+
+        One transaction (a worker sees the whole run or none of it) of ``HSET`` commands of
+        :data:`BEGIN_CHUNK` fields each: a run of 10,000 jobs is a few dozen commands in one
+        round trip, not a command per field.
+        """
         now = time.time()
         pipe = self.redis.pipeline()
         pipe.hset(
@@ -199,14 +251,14 @@ class RedisLedger:
             mapping={"created_at": now, "total": len(jobs) + len(failures), "retries": retries},
         )
         pipe.hset(self.key("counters"), mapping=dict.fromkeys(COUNTERS, 0))
-        for item in [*jobs, *failures]:
-            pipe.hset(self.key("jobs"), item.id, json.dumps(item.to_dict()))
-        for job in jobs:
-            pipe.hsetnx(self.key("state"), job.id, "pending")
-        for failure in failures:
-            pipe.hset(self.key("state"), failure.id, "failed")
-            pipe.hset(self.key("reason"), failure.id, failure.reason)
-            pipe.sadd(self.key("final"), failure.id)
+        items = [*jobs, *failures]
+        _hset_chunks(pipe, self.key("jobs"), ((i.id, json.dumps(i.to_dict())) for i in items))
+        # A fresh run id: nothing to keep, so a plain HSET is what HSETNX would do.
+        _hset_chunks(pipe, self.key("state"), ((job.id, "pending") for job in jobs))
+        if failures:
+            _hset_chunks(pipe, self.key("state"), ((f.id, "failed") for f in failures))
+            _hset_chunks(pipe, self.key("reason"), ((f.id, f.reason) for f in failures))
+            pipe.sadd(self.key("final"), *(f.id for f in failures))
         if not jobs:
             pipe.hset(self.key("meta"), "finished_at", now)
         pipe.zadd(RUNS_KEY, {self.run_id: now})
@@ -317,34 +369,23 @@ class RedisLedger:
         return int(self.redis.get(self.key("activity")) or 0)
 
     def records(self) -> list[JobRecord]:
-        """Every job's record."""
-        pipe = self.redis.pipeline()
-        for name in ("jobs", "state", "reason", "digest", "attempts", "worker"):
-            pipe.hgetall(self.key(name))
-        jobs, states, reasons, digests, attempts, workers = pipe.execute()
-        found = []
-        for job_id, raw in jobs.items():
-            data = json.loads(raw)
-            found.append(
-                JobRecord(
-                    id=_text(job_id),
-                    source=data["source"],
-                    destination=data["destination"],
-                    state=_text(states.get(job_id, b"pending")),
-                    reason=_text(reasons.get(job_id, b"")),
-                    digest=_text(digests.get(job_id, b"")),
-                    attempts=int(attempts.get(job_id, 0)),
-                    worker=_text(workers.get(job_id, b"")),
-                )
-            )
-        return sorted(found, key=lambda r: (r.source, r.destination))
+        """Every job's record, sorted by source then destination."""
+        return self._records_of(self.redis.hkeys(self.key("jobs")))
 
     def summary(self) -> RunSummary:
-        """Current totals; raises :class:`RunNotFound` for an unknown run."""
-        meta = {_text(k): _text(v) for k, v in self.redis.hgetall(self.key("meta")).items()}
+        """Current totals; raises :class:`RunNotFound` for an unknown run.
+
+        Two round trips whatever the size of the run: the run's meta and counters with the
+        jobs' states counted inside Redis (one script, :data:`_TALLY`); then the records of
+        the jobs in a final state (the summary lists them), by ``HMGET``. A run of 10,000
+        pending jobs sends back a few numbers, not 10,000 states.
+        """
+        raw_meta, raw_counters, running, final = self._tally(
+            keys=self._script_keys("meta", "counters", "state", "jobs"))
+        meta = _pairs(raw_meta)
         if not meta:
             raise RunNotFound(self.run_id)
-        counters = {_text(k): int(v) for k, v in self.redis.hgetall(self.key("counters")).items()}
+        counters = {name: int(value) for name, value in _pairs(raw_counters).items()}
         summary = RunSummary(
             self.run_id,
             total=int(meta.get("total", 0)),
@@ -352,7 +393,60 @@ class RedisLedger:
             finished_at=float(meta.get("finished_at", 0) or 0),
             **{name: counters.get(name, 0) for name in COUNTERS},
         )
-        return tally_records(summary, self.records())
+        summary = tally_records(summary, self._records_of(list(final)))
+        summary.running = int(running)
+        return summary
+
+    def _records_of(self, job_ids: list) -> list[JobRecord]:
+        """The records of ``job_ids`` (one round trip), sorted by source then destination."""
+        if not job_ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for name in ("jobs", "state", "reason", "digest", "attempts", "worker"):
+            pipe.hmget(self.key(name), job_ids)
+        columns = pipe.execute()
+        found = []
+        for job_id, raw, state, reason, digest, attempts, worker in zip(job_ids, *columns,
+                                                                          strict=True):
+            if raw is None:
+                continue
+            data = json.loads(raw)
+            found.append(JobRecord(
+                id=_text(job_id),
+                source=data["source"],
+                destination=data["destination"],
+                state=_text(state or b"pending"),
+                reason=_text(reason or b""),
+                digest=_text(digest or b""),
+                attempts=int(attempts or 0),
+                worker=_text(worker or b""),
+            ))
+        return sorted(found, key=lambda r: (r.source, r.destination))
+
+    def progress(self) -> tuple:
+        """A fingerprint of the run's movement, computed inside Redis in one round trip
+        (:data:`_PROGRESS`): it changes whenever a job starts, retries, is recovered or
+        finishes, or a copy in flight moves bytes."""
+        attempts, activity, *counts = self._progress(
+            keys=self._script_keys("state", "attempts", "activity"))
+        return int(attempts), int(activity), frozenset(_text(c) for c in counts)
+
+
+def _hset_chunks(pipe, key: str, pairs) -> None:
+    """Queue ``HSET key f1 v1 f2 v2 …`` commands of at most :data:`BEGIN_CHUNK` fields."""
+    chunk: dict = {}
+    for field, value in pairs:
+        chunk[field] = value
+        if len(chunk) >= BEGIN_CHUNK:
+            pipe.hset(key, mapping=chunk)
+            chunk = {}
+    if chunk:
+        pipe.hset(key, mapping=chunk)
+
+
+def _pairs(flat: list) -> dict[str, str]:
+    """A script's ``HGETALL`` reply (a flat field, value list) as a dict of text."""
+    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 def _text(value) -> str:

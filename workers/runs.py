@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import redis
 
@@ -62,22 +62,169 @@ def recent_runs(limit: int = 20) -> list[RunSummary]:
     return found
 
 
-def send_job(run_id: str, job: Job, retries: int) -> None:
-    """Send one ``sync_image`` task for ``job`` of run ``run_id``."""
+#: Task messages per Redis pipeline (an ``LPUSH`` each) when enqueueing, and ``task-sent``
+#: events per ``task.multi`` event message.
+ENQUEUE_BATCH = 1000
+
+
+def _task_args(run_id: str, job: Job, retries: int) -> tuple[tuple, str]:
+    """The task's arguments, and their ``argsrepr`` (what Flower and the logs show)."""
+    return (run_id, job.to_dict(), retries), f"({run_id!r}, {job.label!r})"
+
+
+def send_job(run_id: str, job: Job, retries: int, *, producer=None) -> None:
+    """Send one ``sync_image`` task for ``job`` of run ``run_id`` (through ``producer``, a
+    kombu producer of the app, when given)."""
     from workers.tasks import sync_image
 
-    sync_image.apply_async(
-        args=(run_id, job.to_dict(), retries),
-        argsrepr=f"({run_id!r}, {job.label!r})",  # what Flower and logs show
-    )
+    args, argsrepr = _task_args(run_id, job, retries)
+    sync_image.apply_async(args=args, argsrepr=argsrepr, producer=producer)
+
+
+def send_jobs(run_id: str, jobs: Iterable[Job], retries: int, *,
+              batch: int = ENQUEUE_BATCH, producer=None) -> int:
+    """Send one ``sync_image`` task per job, pipelined; returns how many were sent.
+
+    The task messages are those :func:`send_job` sends — same headers, serializer and
+    signature (``SYNCER_SECURITY_*``, :mod:`workers.signing`); the test
+    ``test_batched_messages_are_those_apply_async_sends`` compares them — sent through one
+    producer inside kombu's ``Producer.batch``, which buffers their ``LPUSH`` commands and
+    runs ``batch`` of them per pipeline: one round trip per pipeline instead of one (and a
+    new Redis client) per message. :class:`_BatchSender` also skips the per-call set-up of
+    ``apply_async``, which costs more CPU than the publishing itself. Their ``task-sent``
+    events (for Flower) carry the same fields but travel ``batch`` to a message, as the
+    ``task.multi`` events Celery workers send for their own task events (Celery's event
+    receivers, Flower's too, read both). With a kombu (< 5.7) or a transport without batch
+    publishing, each message is ``apply_async`` on one producer.
+
+    A pipeline that fails part-way raises ``kombu.exceptions.BatchPublishError``: some of its
+    messages may be queued. ``producer``: the app's producer to use (default: one from the
+    app's pool).
+    """
+    from workers.app import app
+    from workers.tasks import sync_image
+
+    sent = 0
+    with app.producer_or_acquire(producer) as chosen:
+        batching = getattr(chosen, "batch", None)
+        if batching is None:
+            for job in jobs:
+                send_job(run_id, job, retries, producer=chosen)
+                sent += 1
+            return sent
+        sender = _BatchSender(app, app.tasks[sync_image.name], chosen, batch)
+        try:
+            with batching(max_size=batch):
+                for job in jobs:
+                    sender.send(*_task_args(run_id, job, retries))
+                    sent += 1
+            sender.flush_events()
+        finally:
+            sender.close()
+    return sent
+
+
+class _BufferedSentEvents:
+    """The one method ``send_task_message`` calls on an event dispatcher, ``publish``, turned
+    into Celery's buffered ``send``: ``task-sent`` events leave ``limit`` to a ``task.multi``
+    message (what a worker's dispatcher does with its task events)."""
+
+    def __init__(self, app, producer, limit: int):
+        # Like the dispatcher send_task_message uses by default (app.amqp's): same host
+        # name, pid, clock, exchange and serializer; publishing on the producer's channel.
+        self.dispatcher = app.events.Dispatcher(channel=producer.channel,
+                                                buffer_group=["task"], buffer_limit=limit)
+
+    def publish(self, type: str, fields: dict, producer, **_options) -> None:
+        """Buffer one event (published when ``limit`` are waiting, or at :meth:`flush`)."""
+        self.dispatcher.send(type, **fields)
+
+    def flush(self) -> None:
+        """Publish the events still buffered."""
+        self.dispatcher.flush()
+
+    def close(self) -> None:
+        """Stop publishing (the channel stays the producer's)."""
+        self.dispatcher.close()
+
+
+class _BatchSender:
+    """Sends task messages as ``task.apply_async(args=…, argsrepr=…)`` does, with Celery's own
+    message builder and publisher (``app.amqp.create_task_message`` / ``send_task_message``),
+    but does once what ``apply_async`` and ``app.send_task`` redo per call.
+
+    The steps mirror ``celery.app.task.Task.apply_async`` and ``celery.app.base.Celery.send_task``
+    (Celery 5.7) for a call without countdown, eta, links or parent task. Where those
+    would do more (eager mode, a task expiry, a result backend to notify, a call from inside
+    a task, an overridden ``apply_async``), every message goes through ``apply_async``.
+    Inside a publish batch nothing reaches Redis before the flush, so after the first message
+    (which declares the queue, retried as configured) the rest are published without a
+    per-message declare check and retry wrapper: a failed flush raises, it is not replayed.
+    """
+
+    def __init__(self, app, task, producer, events_per_message: int = ENQUEUE_BATCH):
+        from celery import Task
+        from celery.app.task import extract_exec_options
+        from kombu.utils.uuid import uuid
+
+        self.app, self.task, self.producer, self.uuid = app, task, producer, uuid
+        self.amqp = app.amqp
+        self.exec_options = extract_exec_options(task)
+        self.first = True
+        self.fast = (
+            not app.conf.task_always_eager
+            and app.current_worker_task is None
+            and self.exec_options.get("expires") is None
+            and bool(task.ignore_result)
+            and type(task).apply_async is Task.apply_async
+        )
+        self.events = _BufferedSentEvents(app, producer, events_per_message) if self.fast else None
+
+    def flush_events(self) -> None:
+        """Publish the ``task-sent`` events still buffered."""
+        if self.events is not None:
+            self.events.flush()
+
+    def close(self) -> None:
+        """Release the event dispatcher."""
+        if self.events is not None:
+            self.events.close()
+
+    def send(self, args: tuple, argsrepr: str) -> None:
+        """Publish one message for ``args`` (into the producer's batch)."""
+        if not self.fast:
+            self.task.apply_async(args=args, argsrepr=argsrepr, producer=self.producer)
+            return
+        task, name = self.task, self.task.name
+        # Task.apply_async: execution options under the call's own, ignore_result, shadow.
+        options = dict(self.exec_options, argsrepr=argsrepr)
+        shadow = task.shadow_name(args, None, options)
+        options.setdefault("ignore_result", task.ignore_result)
+        # Celery.send_task: limits and ignore_result leave the options, then routing.
+        time_limit = options.pop("time_limit", None)
+        soft_time_limit = options.pop("soft_time_limit", None)
+        options.pop("expires", None)
+        ignore_result = options.pop("ignore_result", None)
+        options = self.amqp.router.route(options, name, args, None, task)
+        task_id = self.uuid()
+        message = self.amqp.create_task_message(
+            task_id, name, args, None, None, None, None, None, None, 0, None, None, None,
+            self.app.thread_oid, time_limit, soft_time_limit,
+            self.app.conf.task_send_sent_event, None, None, shadow, None,
+            ignore_result=ignore_result, replaced_task_nesting=0, **options,
+        )
+        if not self.first:
+            options.update(declare=[], retry=False)
+        self.first = False
+        self.amqp.send_task_message(self.producer, name, message,
+                                    event_dispatcher=self.events, **options)
 
 
 def enqueue(plan: Plan, retries: int) -> RedisLedger:
-    """Create a run for ``plan`` and send one ``sync_image`` task per job."""
+    """Create a run for ``plan`` and send one ``sync_image`` task per job (pipelined)."""
     ledger = open_ledger(new_run_id())
     ledger.begin(plan.jobs, plan.failures, retries=retries)
-    for job in plan.jobs:
-        send_job(ledger.run_id, job, retries)
+    send_jobs(ledger.run_id, plan.jobs, retries)
     return ledger
 
 
@@ -96,14 +243,14 @@ class _ProgressWatch:
     def __init__(self, stall_timeout: float | None, clock: Callable[[], float]):
         self.stall_timeout = stall_timeout
         self.clock = clock
-        self._seen: tuple | None = None
+        self._seen: object = None
         self._moved_at = clock()
 
-    def observe(self, records: list[JobRecord], activity: int) -> None:
-        """Note the run's current shape; any difference from the last one is progress."""
-        shape = (tuple((r.id, r.state, r.attempts) for r in records), activity)
-        if shape != self._seen:
-            self._seen, self._moved_at = shape, self.clock()
+    def observe(self, fingerprint: object) -> None:
+        """Note the run's current shape (:meth:`RedisLedger.progress`); any difference from
+        the last one is progress."""
+        if fingerprint != self._seen:
+            self._seen, self._moved_at = fingerprint, self.clock()
 
     @property
     def idle(self) -> float:
@@ -148,15 +295,14 @@ def wait_for(
         while True:
             try:
                 summary = ledger.summary()
-                records = ledger.records()
-                watch.observe(records, ledger.activity())
+                watch.observe(ledger.progress())
+                if not summary.complete and watch.stalled:
+                    unfinished = [r for r in ledger.records() if r.state not in FINAL_STATES]
+                    raise RunStalled(summary, unfinished, watch.idle)
             except redis.ConnectionError:
                 summary = None  # Redis restarting: keep waiting
             if summary is not None and summary.complete:
                 return summary
-            if summary is not None and watch.stalled:
-                unfinished = [r for r in records if r.state not in FINAL_STATES]
-                raise RunStalled(summary, unfinished, watch.idle)
             if clock() >= next_reap:
                 reap()
                 next_reap = clock() + reap_interval

@@ -25,7 +25,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from syncer.plan.jobs import Job
 from syncer.registry.retry import RetryPolicy
+from syncer.run import metrics
 from syncer.run.attempt import attempt_job, describe_error
+from syncer.run.logsetup import failure_fields, pop_log_context, push_log_context
 from syncer.run.report import result_line
 from workers.app import app
 from workers.context import get_context
@@ -63,6 +65,13 @@ def _job_id(job: dict) -> str:
         return ""  # a malformed message: the allowlist check refuses it
 
 
+def _job_label(job: dict) -> str | None:
+    """``src -> dst`` for the log lines (None for a malformed message)."""
+    if isinstance(job, dict) and isinstance(job.get("source"), str):
+        return f"{job['source']} -> {job.get('destination')}"
+    return None
+
+
 @app.task(bind=True, name=TASK_NAME, max_retries=None)
 def sync_image(self, run_id: str, job: dict, retries: int = 2) -> dict:
     """Copy ``job`` (see :meth:`syncer.plan.jobs.Job.to_dict`) for run ``run_id``.
@@ -74,6 +83,8 @@ def sync_image(self, run_id: str, job: dict, retries: int = 2) -> dict:
     ledger = context.ledger(run_id)
     holder, job_id = instance_id(), _job_id(job)
     handed_to_retry = False
+    attempt = self.request.retries + 1
+    log_scope = push_log_context(run_id=run_id, image=_job_label(job), attempt=attempt)
     try:
         enforce_allowlist(job, ledger, durable)  # workers/trust.py: refuse registries not trusted
         parsed = Job.from_dict(job)
@@ -87,7 +98,8 @@ def sync_image(self, run_id: str, job: dict, retries: int = 2) -> dict:
                     "destination": parsed.destination}
         if verdict.action == "capped":
             reason = f"worker lost {verdict.lost} times"
-            log.error("failed %s: %s", parsed.label, reason)
+            metrics.record_failure()
+            log.error("failed %s: %s", parsed.label, reason, extra={"error": reason})
             raise ImageSyncFailed(reason)
         if verdict.lost:
             log.warning("%s: started again after its worker was lost (%d so far)",
@@ -100,6 +112,8 @@ def sync_image(self, run_id: str, job: dict, retries: int = 2) -> dict:
         except SoftTimeLimitExceeded:
             reason = "time limit exceeded"
             durable(ledger.mark_failed, parsed.id, reason)
+            metrics.record_failure()
+            log.error("failed %s: %s", parsed.label, reason, extra={"error": reason})
             raise ImageSyncFailed(reason) from None
         except Exception as exc:
             reason = describe_error(exc)
@@ -107,6 +121,7 @@ def sync_image(self, run_id: str, job: dict, retries: int = 2) -> dict:
             if policy.should_retry(self.request.retries, exc):
                 countdown = policy.delay(self.request.retries, exc)
                 durable(ledger.mark_retrying, parsed.id, reason)
+                metrics.record_image_retry()
                 log.warning(
                     "retry %d/%d in %.1fs for %s: %s",
                     self.request.retries + 1,
@@ -114,6 +129,7 @@ def sync_image(self, run_id: str, job: dict, retries: int = 2) -> dict:
                     countdown,
                     parsed.label,
                     reason,
+                    extra=failure_fields(exc, reason),
                 )
                 # Let go *before* the retry message exists: whoever receives it holds it.
                 let_go(context.redis, holder, run_id, job_id)
@@ -122,7 +138,8 @@ def sync_image(self, run_id: str, job: dict, retries: int = 2) -> dict:
                     countdown=countdown, max_retries=retries, exc=ImageSyncFailed(reason)
                 ) from None
             durable(ledger.mark_failed, parsed.id, reason)
-            log.error("failed %s: %s", parsed.label, reason)
+            metrics.record_failure()
+            log.error("failed %s: %s", parsed.label, reason, extra=failure_fields(exc, reason))
             raise ImageSyncFailed(reason) from None
         finally:
             activity.flush()
@@ -130,5 +147,6 @@ def sync_image(self, run_id: str, job: dict, retries: int = 2) -> dict:
         log.info("%s", result_line(result))
         return result.to_dict()
     finally:
+        pop_log_context(log_scope)
         if not handed_to_retry and job_id:
             let_go(context.redis, holder, run_id, job_id)

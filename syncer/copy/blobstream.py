@@ -23,7 +23,8 @@ whole blob in memory), every byte hashed before it is handed out.
   check always covers every byte of the blob; a byte the destination already holds is the
   one thing it cannot re-check — the destination's own ``?digest=`` check does that.
 
-:func:`copy_blob` is the destination side's outer loop: one upload session
+:func:`copy_blob` is the destination side's outer loop: one upload session — the one a mount
+POST opened when given, else a new one —
 (:meth:`~syncer.registry.client.RegistryClient.upload_blob`, which resumes broken PATCHes itself);
 when a session cannot be resumed (a broken monolithic PUT, a session the registry lost, a
 source body that failed its digest) the old session is aborted and that blob alone starts
@@ -46,7 +47,7 @@ import urllib3
 from syncer.registry.client import RegistryClient
 from syncer.registry.errors import IntegrityError, RegistryError, TimeLimitExceeded, TransportError
 from syncer.registry.retry import REQUEST_RETRIES, RetryPolicy, deadline_scope
-from syncer.registry.uploads import STREAM_CHUNK
+from syncer.registry.uploads import STREAM_CHUNK, UploadSession
 
 log = logging.getLogger(__name__)
 
@@ -382,9 +383,12 @@ def copy_blob(
     restarts: RetryPolicy | None = None,
     reads: RetryPolicy | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    session: UploadSession | None = None,
 ) -> BlobTransfer:
     """Stream blob ``digest`` from ``src`` to ``dst``, verified on every path.
 
+    ``session`` is an upload session already open at the destination (the ``202`` of a
+    mount POST): the first attempt uploads to it; a restart opens a new one.
     The upload resumes broken PATCHes from the session's status; a session that cannot go
     on is aborted and the blob alone restarted (new session, new GET) up to
     ``restarts.max_retries`` times (default :data:`BLOB_RESTARTS`; source GET resumes per
@@ -404,9 +408,15 @@ def copy_blob(
             while True:
                 try:
                     transfer.size = reader.ensure_size()
-                    transfer.upload_resumes += dst.upload_blob(dst_repository, digest, reader)
+                    opened, session = session, None  # a restart starts a new session
+                    transfer.upload_resumes += dst.upload_blob(
+                        dst_repository, digest, reader, opened
+                    )
                     return transfer
                 except Exception as exc:
+                    if session is not None:  # failed before the upload took the session
+                        dst.uploads.abort(dst_repository, session.location)
+                        session = None
                     cause = reader.failure or exc
                     from_source = reader.failure is not None
                     if not _restartable(cause, from_source):

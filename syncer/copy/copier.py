@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import logging
 import threading
 import time
@@ -21,14 +20,34 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from syncer.copy.blobstream import copy_blob
-from syncer.copy.coordinator import BlobCoordinator, LocalBlobCoordinator, manifest_key
-from syncer.registry.client import Manifest, Registries, RegistryClient, sha256_digest
+from syncer.copy.coordinator import (
+    BlobCoordinator,
+    LocalBlobCoordinator,
+    PresenceCache,
+    manifest_key,
+)
+from syncer.copy.platforms import filter_index as filter_index  # re-exported (moved there)
+from syncer.copy.platforms import filter_tree
+from syncer.copy.referrers import ReferrerFollower
+from syncer.registry import observe
+from syncer.registry.client import Manifest, Registries, RegistryClient
 from syncer.registry.errors import NotFoundError, RegistryError, TimeLimitExceeded
-from syncer.registry.mediatypes import INDEXES, Platform, PlatformFilter
+from syncer.registry.mediatypes import (
+    PlatformFilter,
+    blob_descriptors,
+    child_descriptors,
+    is_index,
+    parse_manifest,
+)
 from syncer.registry.reference import Reference
+from syncer.registry.referrers import ReferrerPolicy
 from syncer.registry.retry import deadline_scope
+from syncer.registry.uploads import UploadSession, UploadStart
 
 BLOB_WORKERS = 4  # blobs of one image copied at once
+# Seconds a blob waits for another copy placing the same digest before it HEADs instead: most
+# such waits are short (images of a run sharing a base layer, which is then known here).
+BLOB_LOCK_PATIENCE = 2.0
 # A manifest PUT refused because something it names is unknown: re-check and retry this often.
 PUSH_RECHECKS = 3
 # Error codes meaning "a manifest or blob this manifest names is not (yet) there".
@@ -38,6 +57,12 @@ _UNKNOWN_CONTENT_CODES = frozenset(
 log = logging.getLogger("syncer.copy.copier")
 # Layers that registries never store (Windows base layers): they are fetched from their URLs.
 _FOREIGN_MARKERS = ("foreign", "nondistributable")
+# Set while a refused manifest PUT re-checks what it names: ask the registry, not the
+# presence cache, and only with requests that write nothing (HEAD). Follows the copy into
+# the blob pool's threads (they run in a copied context).
+_RECHECKING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "syncer_rechecking", default=False
+)
 
 
 @dataclass
@@ -53,25 +78,11 @@ class CopyResult:
     blobs_mounted: int = 0
     blobs_existing: int = 0
     bytes_copied: int = 0
+    referrers_copied: int = 0  # signatures, SBOMs, attestations pushed (syncer.copy.referrers)
 
     def to_dict(self) -> dict:
         """Plain data (for a task result or a ledger entry)."""
         return asdict(self)
-
-
-def filter_index(index: Manifest, platforms: PlatformFilter) -> Manifest:
-    """A new index keeping only the children whose platform passes ``platforms``.
-
-    Every other field is kept; the result is serialised compactly, so its digest differs from
-    the source's — that is unavoidable when the content changes.
-    """
-    doc = json.loads(index.body)
-    kept = [d for d in doc.get("manifests", []) if platforms.matches(Platform.from_descriptor(d))]
-    if not kept:
-        raise RegistryError(f"no platform in the index matches the filter {platforms.to_dict()}")
-    doc["manifests"] = kept
-    body = json.dumps(doc, separators=(",", ":")).encode()
-    return Manifest(body, index.media_type, sha256_digest(body))
 
 
 class _Tally:
@@ -83,6 +94,9 @@ class _Tally:
         self._lock = threading.Lock()
         self._on_bytes = on_bytes
         self._deadline = deadline
+        # Manifests a platform filter made (filtered nested indexes): pushed from here, since
+        # the source does not hold them (syncer.copy.platforms).
+        self.rewritten: dict[str, Manifest] = {}
 
     @property
     def deadline(self) -> float | None:
@@ -98,6 +112,8 @@ class _Tally:
         with self._lock:
             for name, value in counts.items():
                 setattr(self.result, name, getattr(self.result, name) + value)
+        if observe.observer is not None:  # metrics: the work as it happens
+            observe.observer.work(counts)
 
     def bytes_moved(self, count: int) -> None:
         self.check_deadline()
@@ -114,10 +130,15 @@ class ImageCopier:
         *,
         coordinator: BlobCoordinator | None = None,
         blob_workers: int = BLOB_WORKERS,
+        presence: PresenceCache | None = None,
     ):
         self.registries = registries
         self.coordinator = coordinator or LocalBlobCoordinator()
         self.blob_workers = blob_workers
+        # What this process confirmed at destinations (blobs, child manifests): a base layer
+        # shared by many images of a run is checked once per repository, not once per image.
+        self.presence = presence or PresenceCache()
+        self.referrer_follower = ReferrerFollower()
 
     def copy(
         self,
@@ -128,15 +149,35 @@ class ImageCopier:
         force: bool = False,
         on_bytes: Callable[[int], None] | None = None,
         deadline: float | None = None,
+        referrers: ReferrerPolicy | None = None,
     ) -> CopyResult:
         """Copy ``source`` to ``destination``; skip when the destination already matches.
+
+        Then, skipped or not, the image's referrers follow unless ``referrers`` (default: on,
+        every artifact type) says otherwise (:mod:`syncer.copy.referrers`).
 
         ``deadline`` (a ``time.monotonic()`` value) bounds the whole copy: past it the copy
         stops between chunks with :class:`~syncer.registry.errors.TimeLimitExceeded`, and no
         request-level retry waits past it.
         """
         with deadline_scope(deadline):
-            return self._copy(source, destination, platforms, force, on_bytes, deadline)
+            result = self._copy(source, destination, platforms, force, on_bytes, deadline)
+            policy = referrers if referrers is not None else ReferrerPolicy()
+            if policy.enabled:
+                self.referrer_follower.follow(
+                    self, source, destination, result, platforms=platforms or PlatformFilter(),
+                    policy=policy, tally=_Tally(result, on_bytes, deadline), force=force,
+                )
+            return result
+
+    def push(self, src, source, dst, destination, manifest: Manifest, reference: str, tally,
+             *, with_tree: bool = True) -> None:
+        """Copy what ``manifest`` names (unless ``with_tree`` is false), then push it as
+        ``reference`` — for :mod:`syncer.copy.referrers`."""
+        with ThreadPoolExecutor(self.blob_workers, thread_name_prefix="blob") as pool:
+            if with_tree:
+                self._copy_tree(src, source, dst, destination, manifest, pool, tally)
+            self._push_manifest(src, source, dst, destination, manifest, reference, pool, tally)
 
     def _copy(self, source, destination, platforms, force, on_bytes, deadline) -> CopyResult:
         platforms = platforms or PlatformFilter()
@@ -146,19 +187,30 @@ class ImageCopier:
         tally = _Tally(result, on_bytes, deadline)
 
         if platforms.is_empty:
-            # Cheap path: a HEAD per side decides "already there" without any GET.
-            wanted = src.manifest_digest(source.repository, source.identifier)
-            if wanted is None:
-                raise _not_found(source)
-            present = dst.manifest_digest(destination.repository, destination.identifier)
-            if present == wanted and not force:
-                result.digest, result.status = wanted, "skipped"
+            # Fewest requests: the destination first. Absent (a fresh image): GET the source
+            # straight away — the body gives its digest, a HEAD before it would be one request
+            # too many. Present: HEAD the source (a HEAD is not a "pull" for Docker Hub's rate
+            # limit; a GET is) — equal digests mean skipped, one request per side.
+            present = None
+            if not force:
+                present = dst.manifest_digest(destination.repository, destination.identifier)
+            wanted = source.digest
+            if present is not None and wanted is None:
+                wanted = src.manifest_digest(source.repository, source.identifier)
+                if wanted is None:
+                    raise _not_found(source)
+            if present is not None and present == wanted:
+                result.digest, result.status = present, "skipped"
                 return result
-            top = src.get_manifest(source.repository, wanted)
+            try:
+                top = src.get_manifest(source.repository, wanted or source.identifier)
+            except NotFoundError:
+                raise _not_found(source) from None
         else:
             top = src.get_manifest(source.repository, source.identifier)
-            if top.media_type in INDEXES:
-                top = filter_index(top, platforms)
+            filtered = filter_tree(top, platforms,
+                                   lambda digest: src.get_manifest(source.repository, digest))
+            top, tally.rewritten = filtered.top, filtered.rewritten
             present = dst.manifest_digest(destination.repository, destination.identifier)
             if present == top.digest and not force:
                 result.digest, result.status = top.digest, "skipped"
@@ -208,35 +260,38 @@ class ImageCopier:
                     repository, reference, describe_codes(exc), attempt, PUSH_RECHECKS,
                 )
                 time.sleep(0.2 * attempt)
-                self._copy_tree(src, source, dst, destination, manifest, pool, tally)
+                token = _RECHECKING.set(True)
+                try:
+                    self._copy_tree(src, source, dst, destination, manifest, pool, tally)
+                finally:
+                    _RECHECKING.reset(token)
                 continue
             tally.add(manifests_pushed=1)
+            self.presence.add(dst.registry, repository, manifest.digest, "manifest")
             return
 
     def _copy_tree(self, src, source, dst, destination, manifest: Manifest, pool, tally) -> None:
         """Push everything ``manifest`` refers to (not ``manifest`` itself)."""
-        doc = json.loads(manifest.body)
-        if manifest.media_type in INDEXES:
-            for child_desc in doc.get("manifests", []):
+        doc = parse_manifest(manifest.body)
+        if is_index(manifest.media_type, doc):
+            for child_desc in child_descriptors(doc):
                 tally.check_deadline()
                 # A child already in the destination repository is complete there (a
-                # registry accepts a manifest only once its blobs exist): one HEAD instead
-                # of a GET, blob checks and a PUT — what makes a moved multi-arch tag cheap.
-                present = dst.manifest_digest(destination.repository, child_desc["digest"])
-                if present == child_desc["digest"]:
+                # registry accepts a manifest only once its blobs exist): one HEAD (or none,
+                # when this process pushed or saw it) instead of a GET, blob checks and a
+                # PUT — what makes a moved multi-arch tag cheap.
+                if self._manifest_present(dst, destination.repository, child_desc["digest"]):
                     continue
-                child = src.get_manifest(source.repository, child_desc["digest"])
+                child = tally.rewritten.get(child_desc["digest"]) or src.get_manifest(
+                    source.repository, child_desc["digest"]
+                )
                 self._copy_tree(src, source, dst, destination, child, pool, tally)
                 self._push_manifest(
                     src, source, dst, destination, child, child.digest, pool, tally
                 )
             return
-        blobs = (
-            [doc["config"], *doc.get("layers", [])]
-            if "config" in doc
-            else list(doc.get("layers", []))
-        )
-        unique = {d["digest"]: d for d in blobs if not _is_foreign(d)}
+        # Config, layers (and an OCI 1.1-rc artifact's blobs), whatever their media types.
+        unique = {d["digest"]: d for d in blob_descriptors(doc) if not _is_foreign(d)}
         futures = [
             pool.submit(
                 contextvars.copy_context().run,  # the deadline scope, in the pool's thread
@@ -247,6 +302,19 @@ class ImageCopier:
         for future in futures:
             future.result()
 
+    def _manifest_present(self, dst: RegistryClient, repository: str, digest: str) -> bool:
+        """Whether manifest ``digest`` is in ``repository`` at the destination: known to this
+        process, else one HEAD (a re-check always asks the registry)."""
+        registry = dst.registry
+        if _RECHECKING.get():
+            self.presence.forget(registry, repository, digest, "manifest")
+        elif self.presence.known(registry, repository, digest, "manifest"):
+            return True
+        if dst.manifest_digest(repository, digest) != digest:
+            return False
+        self.presence.add(registry, repository, digest, "manifest")
+        return True
+
     def _copy_blob(
         self,
         src: RegistryClient,
@@ -256,57 +324,137 @@ class ImageCopier:
         descriptor: dict,
         tally: _Tally,
     ) -> None:
+        """Make blob ``descriptor`` present in ``dst_repo``, with as few requests as it takes.
+
+        Known to this process (:class:`PresenceCache`): no request. Otherwise, holding the
+        blob's lock (one copy at a time places a digest on a registry; the others wait and
+        then find it, or mount it from where it went): where the registry was seen to answer
+        a mount honestly (:meth:`RegistryClient.probe_mount`), one ``POST ?mount=&from=`` —
+        from a repository known to hold it, else from ``dst_repo`` itself — answers "here"
+        (``201``) or opens the session the upload then uses (``202``); elsewhere, and in a
+        re-check, a HEAD first. When another copy holds the lock longer than
+        :data:`BLOB_LOCK_PATIENCE`, a HEAD, so that a blob already here is not kept waiting
+        behind someone else's long upload.
+        """
         digest, size = descriptor["digest"], int(descriptor.get("size", -1))
         registry = dst.registry
         tally.check_deadline()
+        rechecking = _RECHECKING.get()
+        if rechecking:
+            self.presence.forget(registry, dst_repo, digest)
+        elif self._known(registry, dst_repo, digest):
+            tally.add(blobs_existing=1)
+            return
+        one_post = bool(dst.mount_answers_presence) and not rechecking
+        with self.coordinator.lock(
+            registry, digest, deadline=tally.deadline, wait=BLOB_LOCK_PATIENCE
+        ) as held:
+            if held and not rechecking and self._known(registry, dst_repo, digest):
+                tally.add(blobs_existing=1)  # placed by a copy that held the lock a moment ago
+                return
+            if held:
+                self._place_blob(src, src_repo, dst, dst_repo, digest, size, tally,
+                                 check=not one_post)
+                return
+        # Another copy is still placing this digest on this registry (a long upload, maybe to
+        # another repository): if it is here already, do not wait behind it.
         if dst.blob_exists(dst_repo, digest):
             tally.add(blobs_existing=1)
-            self.coordinator.record(registry, dst_repo, digest)
+            self._confirmed(registry, dst_repo, digest)
             return
         with self.coordinator.lock(registry, digest, deadline=tally.deadline):
-            if dst.blob_exists(dst_repo, digest):  # uploaded by a concurrent copy meanwhile
-                tally.add(blobs_existing=1)
+            if not rechecking and self._known(registry, dst_repo, digest):
+                tally.add(blobs_existing=1)  # the copy we waited for put it here
                 return
-            candidates = self.coordinator.holders(registry, digest)
-            if src.registry == registry and src_repo != dst_repo:
-                candidates.append(src_repo)
-            for holder in candidates:
-                if holder != dst_repo and _try_mount(dst, dst_repo, digest, holder):
-                    tally.add(blobs_mounted=1)
-                    self.coordinator.record(registry, dst_repo, digest)
-                    return
-            self._stream_blob(src, src_repo, dst, dst_repo, digest, size, tally)
-            tally.add(blobs_copied=1)
-            self.coordinator.record(registry, dst_repo, digest)
+            self._place_blob(src, src_repo, dst, dst_repo, digest, size, tally,
+                             check=not one_post)
 
-    def _stream_blob(self, src, src_repo, dst, dst_repo, digest, size, tally) -> None:
+    def _place_blob(self, src, src_repo, dst, dst_repo, digest, size, tally, *, check) -> None:
+        """Under the blob's lock: check (``check``: a HEAD first), mount or upload it."""
+        registry = dst.registry
+        holders = self.coordinator.holders(registry, digest)
+        # A holder list naming dst_repo is another worker's word (or a past run's): a HEAD
+        # confirms it without writing anything.
+        if check or dst_repo in holders:
+            if dst.blob_exists(dst_repo, digest):
+                tally.add(blobs_existing=1)
+                self._confirmed(registry, dst_repo, digest)
+                return
+            check = True
+        candidates = [h for h in holders if h != dst_repo]
+        if src.registry == registry and src_repo != dst_repo and src_repo not in candidates:
+            candidates.append(src_repo)
+        if not check and not candidates:
+            candidates = [dst_repo]  # "already here?" and "start the upload" in one POST
+        session: UploadSession | None = None
+        for holder in candidates:
+            started = _try_start(dst, dst_repo, digest, holder)
+            if started is None and holder == dst_repo and dst.blob_exists(dst_repo, digest):
+                started = UploadStart(True)  # a registry that refuses this mount: HEAD it
+            if started is None:
+                continue  # refused: the next holder, or an upload
+            if started.mounted:
+                tally.add(**({"blobs_existing": 1} if holder == dst_repo else
+                             {"blobs_mounted": 1}))
+                if holder != dst_repo:
+                    dst.probe_mount(dst_repo, digest)  # counts the blob placed
+                self._confirmed(registry, dst_repo, digest)
+                return
+            session = started.session  # not linked: upload to the session it opened
+            break
+        self._stream_blob(src, src_repo, dst, dst_repo, digest, size, tally, session)
+        tally.add(blobs_copied=1)
+        # Our own upload, not yet known to any other copy: the one moment a mount of it
+        # from dst_repo can show whether this registry answers mounts honestly.
+        dst.probe_mount(dst_repo, digest)
+        self._confirmed(registry, dst_repo, digest)
+
+    def _known(self, registry: str, repository: str, digest: str) -> bool:
+        """Confirmed lately by this process, or (distributed) by another worker."""
+        if self.presence.known(registry, repository, digest):
+            return True
+        if self.coordinator.confirmed(registry, repository, digest):
+            self.presence.add(registry, repository, digest)
+            return True
+        return False
+
+    def _confirmed(self, registry: str, repository: str, digest: str) -> None:
+        """The registry confirmed ``digest`` in ``repository``: remember it, and share it as
+        a mount source."""
+        self.coordinator.record(registry, repository, digest)
+        self.presence.add(registry, repository, digest)
+
+    def _stream_blob(self, src, src_repo, dst, dst_repo, digest, size, tally,
+                     session: UploadSession | None = None) -> None:
         """Stream one blob across, verified, resumed and restarted as needed
-        (:func:`syncer.copy.blobstream.copy_blob`); progress is reported per chunk pushed."""
+        (:func:`syncer.copy.blobstream.copy_blob`), into ``session`` when one is open;
+        progress is reported per chunk pushed."""
         transfer = copy_blob(
             src, src_repo, dst, dst_repo, digest, size,
-            on_bytes=tally.bytes_moved, deadline=tally.deadline,
+            on_bytes=tally.bytes_moved, deadline=tally.deadline, session=session,
         )
         tally.add(bytes_copied=transfer.size)
 
 
-def _try_mount(dst: RegistryClient, repository: str, digest: str, holder: str) -> bool:
-    """A mount is only an optimisation: when it is refused outright (e.g. the credentials for
-    ``repository`` may not pull ``holder``), fall back to uploading. Transient errors still
+def _try_start(dst: RegistryClient, repository: str, digest: str, holder: str):
+    """A mount POST from ``holder``: its :class:`~syncer.registry.uploads.UploadStart`, or None
+    when refused outright (e.g. the credentials for ``repository`` may not pull ``holder``) —
+    a mount is only an optimisation, the blob is uploaded then. Transient errors still
     propagate, to be retried like any other."""
     try:
-        return dst.mount_blob(repository, digest, holder)
+        return dst.start_upload(repository, digest, mount_from=holder)
     except RegistryError as exc:
         if exc.transient:
             raise
-        return False
+        return None
 
 
 def _child_digests(manifest: Manifest) -> tuple[str, ...]:
     """The digests of the manifests an index names (empty for an image manifest)."""
-    if manifest.media_type not in INDEXES:
+    doc = parse_manifest(manifest.body)
+    if not is_index(manifest.media_type, doc):
         return ()
-    doc = json.loads(manifest.body)
-    return tuple(str(d["digest"]) for d in doc.get("manifests", []))
+    return tuple(str(d["digest"]) for d in child_descriptors(doc))
 
 
 def _names_unknown_content(exc: RegistryError) -> bool:

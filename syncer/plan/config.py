@@ -15,7 +15,15 @@ Every mistake is collected and reported at once in one :class:`ConfigError`, one
 position 0``. Key paths start with ``auth`` or ``images`` in both layouts. Values of
 ``password`` are never echoed.
 
-The image rules themselves (forms, tag regexes) are parsed by :mod:`syncer.plan.rules`.
+The image rules themselves (forms, tag regexes) are parsed by :mod:`syncer.plan.rules`. A
+rule's value may also be a mapping, the long form, which adds tag filters
+(:mod:`syncer.plan.tagfilters`)::
+
+    quay.io/a/b: {to: quay.io/x/b, exclude: '-rc', semver: '>=1.2 <2', latest: 5, sort: semver}
+
+``to`` takes what a short value takes (a destination or a list; ``""`` is the default
+destination). Filters need a key that lists tags (``repo``, ``repo:/regex/``,
+``namespace/*``): a key that names tags or a digest has nothing to filter.
 
 ``${VAR}`` / ``$VAR`` are expanded from the environment in ``username``, ``password`` and
 destinations (not in source keys, whose regexes may end with ``$``); ``$$`` is a literal ``$``.
@@ -26,12 +34,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from marshmallow import RAISE, Schema, ValidationError, fields
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 from syncer.plan.documents import (
     error_messages,
@@ -44,6 +52,14 @@ from syncer.plan.documents import (
     type_name,
 )
 from syncer.plan.rules import Destination, Rule, RuleSyntaxError, parse_destination, parse_source
+from syncer.plan.tagfilters import (
+    NO_FILTERS,
+    SORTS,
+    FilterSyntaxError,
+    TagFilters,
+    check_pattern,
+    parse_range,
+)
 from syncer.registry.credentials import AuthEntry, Credentials
 from syncer.registry.errors import ConfigError, ReferenceError_
 from syncer.registry.reference import is_registry_segment, split_repository
@@ -134,9 +150,13 @@ def load_auth_file(
 
 
 def parse_rule(
-    source: str, destination: str | Sequence[str], *, environ: Mapping[str, str] = os.environ
+    source: str,
+    destination: str | Sequence[str] | Mapping[str, Any],
+    *,
+    environ: Mapping[str, str] = os.environ,
 ) -> Rule:
-    """Parse one images-file entry; raises :class:`ConfigError` (lines start ``images[...]``)."""
+    """Parse one images-file entry (short or long form); raises :class:`ConfigError` (lines
+    start ``images[...]``)."""
     problems: list[str] = []
     rules = _parse_images({source: destination}, "", environ, problems)
     if problems:
@@ -169,7 +189,7 @@ _SECTION_SHAPE = {"auth": "registry[/namespace] -> entry", "images": "source -> 
 # -- schemas ------------------------------------------------------------------------------------
 
 _UNKNOWN = "Unknown field."
-_AUTH_FIELDS = "username, password, insecure, ca_file"
+_AUTH_FIELDS = "username, password, insecure, ca_file, max_concurrency, requests_per_second"
 
 
 class _LegacyFileSchema(Schema):
@@ -192,6 +212,13 @@ class _AuthEntrySchema(Schema):
     password = fields.String(load_default="", allow_none=True)
     insecure = fields.Boolean(load_default=False)
     ca_file = fields.String(load_default=None, allow_none=True)
+    # Per-registry limits (syncer.registry.limits): a boolean is refused, a quoted count too.
+    max_concurrency = fields.Integer(
+        load_default=None, allow_none=True, strict=True, validate=validate.Range(min=1)
+    )
+    requests_per_second = fields.Float(
+        load_default=None, allow_none=True, validate=validate.Range(min=0, min_inclusive=False)
+    )
 
 
 class _DestinationsField(fields.Field):
@@ -214,6 +241,68 @@ class _DestinationsField(fields.Field):
 
 
 _DESTINATIONS = _DestinationsField()
+
+
+class _PatternsField(fields.Field):
+    """``exclude``: one regex or a non-empty list of them, each compiled to check it."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> tuple[str, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items:
+            raise ValidationError("expected a regex or a non-empty list of regexes")
+        bad: dict[int, list[str]] = {}
+        for index, item in enumerate(items):
+            try:
+                check_pattern(item if isinstance(item, str) else "")
+            except FilterSyntaxError as exc:
+                bad[index] = [str(exc) if isinstance(item, str) else "Not a valid string."]
+        if bad:
+            raise ValidationError(bad if isinstance(value, list) else bad[0])  # type: ignore[arg-type]
+        return tuple(items)
+
+
+class _RangeField(fields.Field):
+    """``semver``: an npm-style range, parsed to check it."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
+        if not isinstance(value, str):
+            raise ValidationError(
+                f"must be a string, got {type_name(value)} (quote it in YAML: semver: '>=1.2 <2')"
+            )
+        try:
+            parse_range(value)
+        except FilterSyntaxError as exc:
+            raise ValidationError(str(exc)) from None
+        return value
+
+
+class _CountField(fields.Field):
+    """``latest``: a whole number of tags, at least 1 (``true`` is not a number here)."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValidationError(f"expected a whole number of tags, got {type_name(value)}")
+        if value < 1:
+            raise ValidationError("must be at least 1")
+        return value
+
+
+class _LongFormSchema(Schema):
+    """A rule's value as a mapping: destinations plus tag filters."""
+
+    class Meta:
+        unknown = RAISE
+
+    to = _DestinationsField()
+    exclude = _PatternsField()
+    semver = _RangeField()
+    latest = _CountField()
+    sort = fields.String(validate=validate.OneOf(SORTS, error="must be one of: {choices}"))
+    # Copy the images' referrers (signatures, SBOMs…): overrides --referrers for this rule.
+    referrers = fields.Boolean(truthy={True}, falsy={False})
+
+
+_LONG_FORM_FIELDS = ", ".join(_LongFormSchema._declared_fields)
 
 
 # -- auth ---------------------------------------------------------------------------------------
@@ -256,9 +345,14 @@ def _parse_auth(
             ca_file = str(base_dir / Path(ca_file).expanduser())
             if not os.path.isfile(ca_file):
                 bad(".ca_file", f"file not found: {ca_file}")
+        limits = {k: data.get(k) for k in ("max_concurrency", "requests_per_second")}
+        if isinstance(key, str) and "/" in key and any(v is not None for v in limits.values()):
+            bad("", "max_concurrency and requests_per_second limit a whole registry: set them "
+                    f"on the {key.split('/', 1)[0]!r} entry")
         if not key_problem and isinstance(key, str):
             creds = Credentials(username=username, password=password)
-            entries.append(AuthEntry(key, creds, bool(data.get("insecure")), ca_file or None))
+            entries.append(AuthEntry(key, creds, bool(data.get("insecure")), ca_file or None,
+                                     **limits))
     return entries
 
 
@@ -303,11 +397,18 @@ def _parse_images(
             problems.append(one_line(f"{path}: {where}{suffix}: {message}"))
 
         texts: tuple[str, ...] = ()
-        try:
-            texts = _DESTINATIONS.deserialize(value) or ("",)
-        except ValidationError as exc:
-            for sub, message in flatten(exc.messages):
-                bad(sub, message)
+        filters: TagFilters | None = NO_FILTERS
+        to_where = ""
+        referrers = value.get("referrers") if isinstance(value, dict) else None
+        if isinstance(value, dict):
+            value, filters, texts = _long_form(value, bad)
+            to_where = ".to"
+        else:
+            try:
+                texts = _DESTINATIONS.deserialize(value) or ("",)
+            except ValidationError as exc:
+                for sub, message in flatten(exc.messages):
+                    bad(sub, message)
         if not isinstance(key, str):
             bad("", f"source must be a string, got {type_name(key)}")
             continue
@@ -316,9 +417,14 @@ def _parse_images(
         except (RuleSyntaxError, ReferenceError_) as exc:
             bad("", str(exc))
             continue
+        if filters and selector.kind in ("tags", "digest"):
+            what = "names its tags" if selector.kind == "tags" else "names a digest"
+            bad("", f"the key {what}: tag filters ({filters}) need a key that lists tags "
+                    "(repository, repository:/regex/ or registry/namespace/*)")
+            continue
         destinations: list[Destination] = []
         for index, text in enumerate(texts):
-            suffix = f"[{index}]" if isinstance(value, list) else ""
+            suffix = to_where + (f"[{index}]" if isinstance(value, list) else "")
             expanded, errors = _expand(text, environ, secret=False)
             for message in errors:
                 bad(suffix, message)
@@ -328,9 +434,46 @@ def _parse_images(
                 destinations.append(parse_destination(expanded, selector, wildcard))
             except (RuleSyntaxError, ReferenceError_) as exc:
                 bad(suffix, str(exc))
-        if texts and len(destinations) == len(texts):
-            rules.append(Rule(key, source, selector, tuple(destinations), wildcard))
+        if filters is not None and texts and len(destinations) == len(texts):
+            rules.append(Rule(key, source, selector, tuple(destinations), wildcard, filters,
+                              referrers if isinstance(referrers, bool) else None))
     return rules
+
+
+def _long_form(
+    value: dict, bad: Callable[[str, str], None]
+) -> tuple[Any, TagFilters | None, tuple[str, ...]]:
+    """A long-form value → (the ``to`` value, its filters, its destination texts).
+
+    Problems go to ``bad``; filters are None when they are unusable (the rule is then dropped,
+    though its destinations are still checked so every mistake is reported at once).
+    """
+    to_value = value.get("to")
+    try:
+        data = _LongFormSchema().load(value)
+        usable = True
+    except ValidationError as exc:
+        for sub, message in flatten(exc.messages):
+            if message == _UNKNOWN:
+                message = f"Unknown field (allowed: {_LONG_FORM_FIELDS})."
+            bad(sub, message)
+        data, usable = dict(exc.valid_data or {}), False  # type: ignore[call-overload]
+    if "to" not in value:
+        bad("", 'missing "to": the destination(s) of the rule ("" for the default destination)')
+        return None, None, ()
+    if "sort" in data and "latest" not in value:
+        bad(".sort", "sort orders the tags for latest: give latest N as well")
+        usable = False
+    texts = (data.get("to") or ("",)) if "to" in data else ()
+    if not usable:
+        return to_value, None, texts
+    filters = TagFilters(
+        exclude=data.get("exclude", ()),
+        semver=data.get("semver", ""),
+        latest=data.get("latest"),
+        sort=data.get("sort", "semver"),
+    )
+    return to_value, filters, texts
 
 
 _VAR_RE = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*)|(\{))")

@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from syncer.registry.mediatypes import PlatformFilter
+from syncer.registry.referrers import ReferrerPolicy
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,8 @@ class Job:
     destination: str
     platforms: PlatformFilter = field(default_factory=PlatformFilter)
     force: bool = False
+    # Copy the image's signatures, SBOMs, attestations too (on unless turned off).
+    referrers: ReferrerPolicy = field(default_factory=ReferrerPolicy)
 
     @property
     def id(self) -> str:
@@ -38,6 +41,7 @@ class Job:
             "destination": self.destination,
             "platforms": self.platforms.to_dict(),
             "force": self.force,
+            "referrers": self.referrers.to_dict(),
         }
 
     @classmethod
@@ -48,6 +52,7 @@ class Job:
             destination=data["destination"],
             platforms=PlatformFilter.from_dict(data.get("platforms")),
             force=bool(data.get("force", False)),
+            referrers=ReferrerPolicy.from_dict(data.get("referrers")),
         )
 
 

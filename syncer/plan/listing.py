@@ -9,6 +9,9 @@ which any project member may read.
 
 from __future__ import annotations
 
+from datetime import datetime
+
+from syncer.plan.created import image_created
 from syncer.registry.client import Registries
 from syncer.registry.errors import AuthenticationError, NotFoundError, RegistryError
 from syncer.registry.harbor import harbor_repositories
@@ -24,6 +27,10 @@ class RegistryLister:
     def list_tags(self, repo: Repository) -> list[str]:
         """Every tag of ``repo``."""
         return self.registries.client(repo.registry).list_tags(repo.path)
+
+    def image_created(self, repo: Repository, tag: str) -> datetime | None:
+        """The ``created`` time of ``repo:tag`` (see :mod:`syncer.plan.created`)."""
+        return image_created(self.registries.client(repo.registry), repo.path, tag)
 
     def list_repositories(self, registry: str, namespace: str) -> list[str]:
         """Repository paths under ``namespace`` (recursively), sorted."""

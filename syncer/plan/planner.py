@@ -10,6 +10,12 @@
   (``harbor/proj/*: acr/mirror`` copies ``harbor/proj/team/app`` to ``acr/mirror/team/app``).
   Paths the lister returns outside the namespace are ignored.
 * an empty destination is ``<default registry>/<default namespace>/<source's last name>``.
+* tag filters (a rule's long form: ``exclude``, ``semver``, ``latest``; see
+  :mod:`syncer.plan.tagfilters`) narrow what a listing rule selected, per repository (so per
+  repository of a namespace wildcard too). Each filtered repository logs one line saying how
+  many tags were kept and why the others went. ``latest`` with ``sort: created`` reads each
+  candidate's image (:mod:`syncer.plan.created`), in parallel like the listings; a tag that
+  vanished meanwhile is dropped, any other read error fails that repository's rule.
 
 A listing error becomes a :class:`PlanFailure` for that rule's destinations; the rest go on.
 A failure's ``source``/``destination`` are written as images-file key and value, so a
@@ -21,21 +27,27 @@ tag), not a job.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from functools import partial
 from typing import Protocol, TypeVar
 
 from syncer.plan.jobs import Job, Plan, PlanFailure
 from syncer.plan.rules import ALL_TAGS, Destination, Rule, TagSelector
-from syncer.registry.errors import ReferenceError_
+from syncer.plan.tagfilters import TagSelection, filter_tags, keep_latest_by_created
+from syncer.registry.errors import NotFoundError, ReferenceError_
 from syncer.registry.mediatypes import PlatformFilter
 from syncer.registry.reference import TAG_RE, Repository, split_repository
+from syncer.registry.referrers import ReferrerPolicy
 
 K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Lister(Protocol):
@@ -47,6 +59,14 @@ class Lister(Protocol):
 
     def list_repositories(self, registry: str, namespace: str) -> list[str]:
         """Full repository paths (``proj/team/app``) under ``namespace`` on ``registry``."""
+        ...
+
+    def image_created(self, repo: Repository, tag: str) -> datetime | None:
+        """When ``repo:tag`` was built (its config's ``created``), None when it does not say.
+
+        Only asked for rules with ``latest`` + ``sort: created``; a vanished tag raises
+        :class:`~syncer.registry.errors.NotFoundError`.
+        """
         ...
 
 
@@ -111,13 +131,15 @@ class _Unit:
 class _Builder:
     """Collects jobs and failures: dedupes pairs, refuses two sources for one tag."""
 
-    def __init__(self, platforms: PlatformFilter, force: bool):
-        self.platforms, self.force = platforms, force
+    def __init__(self, platforms: PlatformFilter, force: bool,
+                 referrers: ReferrerPolicy = ReferrerPolicy()):  # noqa: B008 - frozen
+        self.platforms, self.force, self.referrers = platforms, force, referrers
         self.plan = Plan()
         self._pairs: set[tuple[str, str]] = set()
         self._owner: dict[str, str] = {}
 
-    def job(self, source: str, destination: str) -> None:
+    def job(self, source: str, destination: str, referrers: bool | None = None) -> None:
+        """A job (``referrers``: the rule's own switch, None: the command line's)."""
         if (source, destination) in self._pairs:
             return
         owner = self._owner.get(destination)
@@ -126,7 +148,10 @@ class _Builder:
             return
         self._pairs.add((source, destination))
         self._owner[destination] = source
-        self.plan.jobs.append(Job(source, destination, self.platforms, self.force))
+        policy = self.referrers
+        if referrers is not None and referrers != policy.enabled:
+            policy = replace(policy, enabled=referrers)
+        self.plan.jobs.append(Job(source, destination, self.platforms, self.force, policy))
 
     def fail(self, source: str, destination: str, reason: str) -> None:
         if (source, destination) in self._pairs:
@@ -144,12 +169,13 @@ def plan(
     platforms: PlatformFilter = PlatformFilter(),  # noqa: B008 - frozen, safe as a default
     force: bool = False,
     parallelism: int = 8,
+    referrers: ReferrerPolicy = ReferrerPolicy(),  # noqa: B008 - frozen, safe as a default
 ) -> Plan:
     """Turn ``rules`` into jobs, listing namespaces then tags with ``parallelism`` threads."""
-    builder = _Builder(platforms, force)
+    builder = _Builder(platforms, force, referrers)
     wildcards = {(r.source.registry, r.source.path) for r in rules if r.wildcard}
     catalogs = _parallel(
-        {key: partial(lister.list_repositories, *key) for key in sorted(wildcards)}, parallelism
+        {key: partial(_catalog, lister, *key) for key in sorted(wildcards)}, parallelism
     )
     units: list[_Unit] = []
     for rule in rules:
@@ -159,10 +185,97 @@ def plan(
         else:
             units.append(_Unit(rule, rule.source, rule.destinations))
     to_list = {u.source: None for u in units if u.rule.selector.kind in ("all", "regex")}
-    listings = _parallel({repo: partial(lister.list_tags, repo) for repo in to_list}, parallelism)
-    for unit in units:
-        _unit_jobs(unit, listings.get(unit.source), default_registry, default_namespace, builder)
+    listings = _parallel(
+        {repo: partial(_listed, lister, repo) for repo in to_list}, parallelism
+    )
+    selected = _select(units, listings, lister, parallelism)
+    for index, unit in enumerate(units):
+        _unit_jobs(unit, selected.get(index), default_registry, default_namespace, builder)
     return builder.plan
+
+
+def _listed(lister: Lister, repo: Repository) -> list[str]:
+    return list(lister.list_tags(repo))  # list(): a lazy lister fails inside the pool
+
+
+def _catalog(lister: Lister, registry: str, namespace: str) -> list[str]:
+    return list(lister.list_repositories(registry, namespace))
+
+
+def _select(
+    units: Sequence[_Unit],
+    listings: Mapping[Repository, list[str] | Exception],
+    lister: Lister,
+    parallelism: int,
+) -> dict[int, list[str] | Exception]:
+    """The tags each listing unit keeps (by unit index): its selector, then its filters.
+
+    Created times are read once per (repository, tag) for every unit that sorts by them,
+    all on one thread pool.
+    """
+    selections: dict[int, TagSelection | list[str] | Exception] = {}
+    for index, unit in enumerate(units):
+        listed = listings.get(unit.source)
+        if listed is None or isinstance(listed, Exception):
+            if listed is not None:
+                selections[index] = listed
+            continue
+        tags = select_tags(unit.rule.selector, listed)
+        filters = unit.rule.filters
+        selections[index] = filter_tags(filters, tags) if filters else tags
+    wanted = {
+        (units[i].source, tag): None
+        for i, found in selections.items()
+        if isinstance(found, TagSelection) and found.pending_created
+        for tag in found.tags
+    }
+    if wanted:
+        log.info(
+            "reading the created time of %d tags in %d repositories for 'sort: created' "
+            "(one manifest GET per tag, one config GET per distinct image)",
+            len(wanted), len({repo for repo, _ in wanted}),
+        )
+    created = _parallel(
+        {key: partial(lister.image_created, *key) for key in wanted}, parallelism
+    )
+    result: dict[int, list[str] | Exception] = {}
+    for index, found in selections.items():
+        if not isinstance(found, TagSelection):
+            result[index] = found
+            continue
+        unit = units[index]
+        if found.pending_created:
+            finished = _by_created(unit, found, created)
+            if isinstance(finished, Exception):
+                result[index] = finished
+                continue
+            found = finished
+        log.info("%s (%s): %s", unit.label, unit.rule.filters, found.summary())
+        result[index] = found.tags
+    return result
+
+
+def _by_created(
+    unit: _Unit,
+    found: TagSelection,
+    created: Mapping[tuple[Repository, str], datetime | Exception | None],
+) -> TagSelection | Exception:
+    """Finish a ``sort: created`` selection from the times read, or the error that stops it."""
+    times: dict[str, datetime | None] = {}
+    for tag in found.tags:
+        when = created[(unit.source, tag)]
+        if isinstance(when, NotFoundError):
+            continue  # deleted since it was listed: nothing to copy
+        if isinstance(when, Exception):
+            return _CreatedReadError(
+                f"read the created time of {unit.source}:{tag}: {_reason(when)}"
+            )
+        times[tag] = when
+    return keep_latest_by_created(unit.rule.filters, found, times)
+
+
+class _CreatedReadError(Exception):
+    """A candidate's created time could not be read (the rule's repository fails)."""
 
 
 def _expand_wildcard(rule: Rule, listed: list[str] | Exception, builder: _Builder) -> list[_Unit]:
@@ -183,7 +296,9 @@ def _expand_wildcard(rule: Rule, listed: list[str] | Exception, builder: _Builde
             for d in rule.destinations
         )
         source = Repository(rule.source.registry, path)
-        units.append(_Unit(Rule(str(source), source, ALL_TAGS, nested), source, nested))
+        nested_rule = Rule(str(source), source, ALL_TAGS, nested, filters=rule.filters,
+                           referrers=rule.referrers)
+        units.append(_Unit(nested_rule, source, nested))
     return units
 
 
@@ -209,31 +324,34 @@ def _unit_jobs(
     if selector.kind == "digest":
         for dest, repo in targets:
             target = f"{repo}:{dest.tags[0]}" if dest.tags else f"{repo}@{selector.digest}"
-            builder.job(f"{unit.source}@{selector.digest}", target)
+            builder.job(f"{unit.source}@{selector.digest}", target, unit.rule.referrers)
         return
     if isinstance(listed, Exception):
+        reason = _reason(listed)
+        if unit.rule.filters:  # the failed-images file keeps the key, not the long form
+            reason += f" (the rule's tag filters: {unit.rule.filters})"
         for _, repo in targets:
-            builder.fail(unit.label, str(repo), _reason(listed))
+            builder.fail(unit.label, str(repo), reason)
         return
-    for index, tag in enumerate(select_tags(selector, listed or [])):
+    tags = select_tags(selector, []) if listed is None else listed
+    for index, tag in enumerate(tags):
         if not TAG_RE.match(tag):
             for _, repo in targets:
                 reason = f"registry listed invalid tag {tag!r}"
                 builder.fail(f"{unit.source}:{tag}", str(repo), reason)
             continue
         for dest, repo in targets:
-            builder.job(f"{unit.source}:{tag}", f"{repo}:{dest.tags[index] if dest.tags else tag}")
+            builder.job(f"{unit.source}:{tag}", f"{repo}:{dest.tags[index] if dest.tags else tag}",
+                        unit.rule.referrers)
 
 
-def _parallel(
-    calls: dict[K, Callable[[], Iterable[str]]], parallelism: int
-) -> dict[K, list[str] | Exception]:
-    """Run ``calls`` on a thread pool; each result is the list or the exception raised."""
+def _parallel(calls: dict[K, Callable[[], T]], parallelism: int) -> dict[K, T | Exception]:
+    """Run ``calls`` on a thread pool; each result is the value or the exception raised."""
     if not calls:
         return {}
-    results: dict[K, list[str] | Exception] = {}
+    results: dict[K, T | Exception] = {}
     with ThreadPoolExecutor(max_workers=max(1, min(parallelism, len(calls)))) as pool:
-        futures = {key: pool.submit(lambda call=call: list(call())) for key, call in calls.items()}
+        futures = {key: pool.submit(call) for key, call in calls.items()}
         for key, future in futures.items():
             try:
                 results[key] = future.result()

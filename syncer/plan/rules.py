@@ -9,6 +9,7 @@ A rule's key is the source as written, its value one destination or a list::
     quay.io/a/b:/^v1\\./: quay.io/x/b         tag regex between slashes
     harbor:8443/project/*: acr.io/mirror     every repository under a namespace, all tags
     quay.io/a/b: ""                          default destination (``--registry``/``--namespace``)
+    quay.io/a/b: {to: quay.io/x/b, latest: 5}   long form: tag filters (:mod:`tagfilters`)
 
 A tag regex is Python ``re`` applied with :func:`re.search`, i.e. unanchored like Go's
 ``MatchString`` that image-syncer uses: ``/v1/`` matches ``xv1y``; write ``/^v1$/`` to match a
@@ -22,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from syncer.plan.tagfilters import NO_FILTERS, TagFilters
 from syncer.registry.errors import ReferenceError_
 from syncer.registry.reference import Repository, split_repository, validate_digest, validate_tag
 
@@ -81,7 +83,8 @@ class Rule:
     """One images-file entry: ``key`` (the source as written) → ``destinations``.
 
     For a namespace wildcard (``registry/namespace/*``, ``wildcard=True``) ``source`` is
-    ``Repository(registry, namespace)`` and ``selector`` is :data:`ALL_TAGS`.
+    ``Repository(registry, namespace)`` and ``selector`` is :data:`ALL_TAGS`. ``filters``
+    (the long form's ``exclude``/``semver``/``latest``) narrow what ``selector`` selects.
     """
 
     key: str
@@ -89,6 +92,9 @@ class Rule:
     selector: TagSelector
     destinations: tuple[Destination, ...]
     wildcard: bool = False
+    filters: TagFilters = NO_FILTERS
+    # The long form's ``referrers: true/false``; None: as the command line says.
+    referrers: bool | None = None
 
 
 class RuleSyntaxError(ValueError):

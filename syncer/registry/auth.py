@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 
 import requests
 
+from syncer.registry import observe
 from syncer.registry.credentials import Credentials
 from syncer.registry.errors import (
     AuthenticationError,
@@ -220,7 +221,10 @@ class Authenticator:
         log.info(
             "retry %d/%d in %.2fs: token fetch for %s: %s",
             number, self._policy.max_retries, wait, self.registry, exc,
+            extra={"registry": self.registry, "error": str(exc)},
         )
+        if observe.observer is not None:
+            observe.observer.retried(self.registry)
 
     def _fetch_token(
         self, params: dict[str, str], scopes: tuple[str, ...], credentials: Credentials
@@ -259,9 +263,18 @@ class Authenticator:
                     realm, params=query, headers=headers, timeout=self._timeout, verify=verify
                 )
         except requests.RequestException as exc:
+            if observe.observer is not None:
+                observe.observer.request(self.registry, _token_method(credentials), "token",
+                                         None)
             raise TransportError(
                 f"token server unreachable: {type(exc).__name__}", registry=self.registry
             ) from None
+        watcher = observe.observer
+        if watcher is not None:
+            method = _token_method(credentials)
+            watcher.request(self.registry, method, "token", response.status_code)
+            if response.status_code != 200:
+                watcher.failed(self.registry, method, "token", response.status_code)
         with response:
             return self._read_token(response, realm_host, credentials)
 
@@ -310,3 +323,8 @@ class Authenticator:
 def basic_header(credentials: Credentials) -> str:
     """The ``Authorization: Basic`` value for ``credentials``."""
     return requests.auth._basic_auth_str(credentials.username, credentials.password)
+
+
+def _token_method(credentials: Credentials) -> str:
+    """The method of a token fetch: POST for an OAuth2 refresh token, else GET."""
+    return "POST" if credentials.identity_token else "GET"

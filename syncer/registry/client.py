@@ -15,26 +15,36 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import urlencode, urljoin
+from urllib.parse import urljoin
 
 import requests
 
 from syncer.registry.auth import repository_scope
+from syncer.registry.bounds import capped_tags, read_manifest_body
 from syncer.registry.credentials import Credentials, CredentialStore
 from syncer.registry.errors import (
     IntegrityError,
+    RegistryError,
     TransportError,
     UnsupportedManifestError,
 )
 from syncer.registry.hostgate import Gate, HostGate
-from syncer.registry.mediatypes import MANIFEST_ACCEPT, SCHEMA1, SUPPORTED, detect_media_type
+from syncer.registry.limits import Limiter
+from syncer.registry.mediatypes import (
+    MANIFEST_ACCEPT,
+    SCHEMA1,
+    detect_media_type,
+    parse_manifest,
+)
 from syncer.registry.retry import REQUEST_RETRIES, current_deadline
 from syncer.registry.transport import DEFAULT_TIMEOUT, Transport
-from syncer.registry.uploads import BlobUploads, UploadSource
+from syncer.registry.uploads import BlobUploads, UploadSession, UploadSource, UploadStart
 
 log = logging.getLogger(__name__)
 _LINK_RE = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 _PAGE_SIZE = 1000
+#: Blobs placed on a registry before :meth:`RegistryClient.probe_mount` asks its question.
+MOUNT_PROBE_AFTER = 5
 
 
 @dataclass(frozen=True)
@@ -61,10 +71,17 @@ class RegistryClient:
         *,
         timeout=DEFAULT_TIMEOUT,
         gate: Gate | None = None,
+        limiter: Limiter | None = None,
     ):
         self.registry = registry
-        self.transport = Transport(registry, store, timeout=timeout, gate=gate)
+        self.transport = Transport(registry, store, timeout=timeout, gate=gate, limiter=limiter)
         self.uploads = BlobUploads(registry, self.transport)
+        #: Whether a ``POST ?mount=<digest>&from=<same repository>`` answers "already here?"
+        #: (``201``) on this registry: None until :meth:`probe_mount` has asked.
+        self.mount_answers_presence: bool | None = None
+        self._probing = threading.Lock()
+        self._placed = 0  # blobs placed here by us so far (see probe_mount)
+        self._placed_lock = threading.Lock()
 
     def credentials_for(self, repository: str) -> Credentials:
         """The credentials used for ``repository`` (its longest matching auth entry)."""
@@ -96,17 +113,12 @@ class RegistryClient:
             url = urljoin(self.transport.base_url + path, match.group(1)) if match else ""
 
     def list_tags(self, repository: str) -> list[str]:
-        """Every tag of ``repository``, following pagination."""
+        """Every tag of ``repository``, following pagination (refused past
+        :data:`~syncer.registry.bounds.MAX_TAGS`)."""
         scopes = (repository_scope(repository, "pull"),)
-        return list(
-            self._paged(
-                f"/v2/{repository}/tags/list",
-                "tags",
-                repository,
-                scopes,
-                f"list tags of {repository}",
-            )
-        )
+        what = f"list tags of {repository}"
+        pages = self._paged(f"/v2/{repository}/tags/list", "tags", repository, scopes, what)
+        return list(capped_tags(pages, what, self.registry))
 
     def catalog(self, namespace: str = "") -> Iterator[str]:
         """Every repository the registry lists in ``_catalog`` (many registries restrict it).
@@ -140,10 +152,11 @@ class RegistryClient:
         return self.get_manifest(repository, reference).digest
 
     def get_manifest(self, repository: str, reference: str) -> Manifest:
-        """GET a manifest; verify it when fetched by digest; refuse schema1.
+        """GET a manifest of any media type; verify it when fetched by digest; refuse schema1
+        and manifests above 4 MiB (:mod:`syncer.registry.bounds`).
 
-        A body that does not match the digest asked for (corrupted on the way) is fetched
-        again in place, under the request policy. Only that case is retried here: every
+        A body that does not match the digest asked for (corrupted on the way), or cut short,
+        is fetched again in place, under the request policy. Only that case is retried here: every
         other transient fault was already retried by the transport, and stacking the two
         loops would multiply the budgets.
         """
@@ -168,8 +181,9 @@ class RegistryClient:
             scopes=(repository_scope(repository, "pull"),),
             what=what,
             headers={"Accept": MANIFEST_ACCEPT},
+            stream=True,  # read with a cap (syncer.registry.bounds), never unbounded
         )
-        body = response.content
+        body = read_manifest_body(response, what, self.registry)
         digest = sha256_digest(body)
         if reference.startswith("sha256:") and digest != reference:
             raise IntegrityError(
@@ -182,9 +196,9 @@ class RegistryClient:
                 "current client)",
                 registry=self.registry,
             )
-        if media_type not in SUPPORTED:
+        if not parse_manifest(body):  # any media type is copied verbatim, but JSON it must be
             raise UnsupportedManifestError(
-                f"{what}: unsupported media type {media_type}", registry=self.registry
+                f"{what}: not a JSON manifest ({media_type})", registry=self.registry
             )
         return Manifest(body, media_type, digest)
 
@@ -247,33 +261,74 @@ class RegistryClient:
         """Try a cross-repository mount. True when mounted (201).
 
         A 202 means the registry declined and opened an upload session instead; we DELETE it
-        so it does not linger, and the caller uploads normally.
+        so it does not linger. (:meth:`start_upload` keeps that session for the upload.)
         """
-        scopes = (
-            repository_scope(repository, "pull,push"),
-            repository_scope(from_repository, "pull"),
-        )
-        query = urlencode({"mount": digest, "from": from_repository})
-        response = self.transport.request(
-            "POST",
-            f"/v2/{repository}/blobs/uploads/?{query}",
-            repository=repository,
-            scopes=scopes,
-            what=f"mount blob {digest[:19]} from {from_repository}",
-            ok=(201, 202),
-        )
-        response.close()
-        if response.status_code == 201:
-            return True
-        location = response.headers.get("Location")
-        if location:
-            self.uploads.abort(repository, location)
-        return False
+        started = self.uploads.start(repository, digest, mount_from=from_repository)
+        if started.session is not None:
+            self.uploads.abort(repository, started.session.location)
+        return started.mounted
 
-    def upload_blob(self, repository: str, digest: str, source: UploadSource) -> int:
-        """Upload blob ``digest`` from ``source`` in one session; return how many times a
-        broken PATCH was resumed (see :meth:`syncer.registry.uploads.BlobUploads.upload`)."""
-        return self.uploads.upload(repository, digest, source)
+    def start_upload(
+        self, repository: str, digest: str, *, mount_from: str | None = None
+    ) -> UploadStart:
+        """One POST that mounts the blob from ``mount_from`` (``201``: done) or opens the
+        upload session to send it to (``202``); ``mount_from=repository`` asks "already
+        here?" in the same request. See :meth:`syncer.registry.uploads.BlobUploads.start`.
+
+        A ``201`` for a mount from another repository shows this registry mounts: from then
+        on a mount answers "already here?" too (:attr:`mount_answers_presence`)."""
+        started = self.uploads.start(repository, digest, mount_from=mount_from)
+        if started.mounted and mount_from != repository and self.mount_answers_presence is None:
+            self.mount_answers_presence = True
+        return started
+
+    def probe_mount(self, repository: str, digest: str) -> None:
+        """Called after each blob we uploaded or mounted here: learn, once, whether a mount
+        POST can stand in for a blob HEAD on this registry (:attr:`mount_answers_presence`).
+
+        Mount ``digest`` — just placed in ``repository`` by us — from ``repository`` itself:
+        ``201`` proves it (every later "already here?" is one ``POST ?mount=&from=<same
+        repository>`` that also opens the upload when the answer is no); a ``202`` (a
+        registry that never mounts, which a HEAD-less check would turn into re-uploads) or a
+        refusal disproves it. A transient failure leaves the question open. The probe costs
+        a request and pays off from the next blob on, so it waits for the
+        :data:`MOUNT_PROBE_AFTER`-th blob: a copy that places a blob or two is cheaper with
+        HEADs.
+        """
+        with self._placed_lock:
+            self._placed += 1
+            due = self._placed >= MOUNT_PROBE_AFTER
+        if (not due or self.mount_answers_presence is not None
+                or not self._probing.acquire(blocking=False)):
+            return
+        try:
+            if self.mount_answers_presence is not None:
+                return
+            try:
+                started = self.uploads.start(repository, digest, mount_from=repository)
+            except RegistryError as exc:
+                if not exc.transient:
+                    self.mount_answers_presence = False
+                return
+            if started.session is not None:
+                self.uploads.abort(repository, started.session.location)
+            self.mount_answers_presence = started.mounted
+            log.info("%s: a mount %s answer whether a blob is there", self.registry,
+                     "can" if started.mounted else "cannot")
+        finally:
+            self._probing.release()
+
+    def upload_blob(
+        self,
+        repository: str,
+        digest: str,
+        source: UploadSource,
+        session: UploadSession | None = None,
+    ) -> int:
+        """Upload blob ``digest`` from ``source`` in one session (``session``: one already
+        open, e.g. by a mount POST that answered 202); return how many times a broken PATCH
+        was resumed (see :meth:`syncer.registry.uploads.BlobUploads.upload`)."""
+        return self.uploads.upload(repository, digest, source, session)
 
     def close(self) -> None:
         """Close the underlying connections."""
@@ -284,13 +339,21 @@ class Registries:
     """A process-wide pool: one :class:`RegistryClient` per registry, created on first use."""
 
     def __init__(
-        self, store: CredentialStore, *, timeout=DEFAULT_TIMEOUT, gate: Gate | None = None
+        self,
+        store: CredentialStore,
+        *,
+        timeout=DEFAULT_TIMEOUT,
+        gate: Gate | None = None,
+        limiter: Limiter | None = None,
     ):
         self.store = store
         self._timeout = timeout
         # One rate-limit gate for every registry client of the process: a 429 from a host
         # holds back every image's requests to it, not just the one that saw it.
         self.gate: Gate = gate if gate is not None else HostGate()
+        # One limiter too: the auth file's per-registry limits hold across every thread (and,
+        # with workers.redis_limiter, every worker).
+        self.limiter = limiter if limiter is not None else Limiter()
         self._clients: dict[str, RegistryClient] = {}
         self._lock = threading.Lock()
 
@@ -300,7 +363,8 @@ class Registries:
             client = self._clients.get(registry)
             if client is None:
                 client = self._clients[registry] = RegistryClient(
-                    registry, self.store, timeout=self._timeout, gate=self.gate
+                    registry, self.store, timeout=self._timeout, gate=self.gate,
+                    limiter=self.limiter,
                 )
             return client
 

@@ -3,7 +3,11 @@
 An auth entry is keyed by ``registry`` or ``registry/namespace``; for a given repository the
 entry with the **longest matching prefix** wins (so ``harbor:8443/team-a`` can carry other
 credentials than ``harbor:8443``). When no entry carries credentials, docker's config.json
-(``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``) is asked.
+(``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``) is asked, in docker's order:
+its credential helper for the registry (``credHelpers[host]``, else ``credsStore``; see
+:mod:`syncer.registry.credhelpers`), then the inline ``auths`` entry (also when the helper has
+nothing for the registry), else anonymous. A configured helper that is missing or fails is an
+error (:class:`~syncer.registry.credhelpers.CredentialHelperError`), as it is for docker.
 
 Secrets never leave this module in printable form: :class:`Credentials` hides them in
 ``repr`` so a log line or traceback that shows one prints ``***``.
@@ -17,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from syncer.registry.credhelpers import HelperCache, HelperSecret
 from syncer.registry.reference import normalize_registry
 
 # docker login stores Docker Hub credentials under this legacy key.
@@ -51,6 +56,9 @@ class AuthEntry:
     credentials: Credentials = field(default_factory=Credentials)
     insecure: bool = False
     ca_file: str | None = None
+    #: Per-registry limits (set on a registry-wide entry only; see syncer.registry.limits).
+    max_concurrency: int | None = None
+    requests_per_second: float | None = None
 
     @property
     def registry(self) -> str:
@@ -72,35 +80,60 @@ class CredentialStore:
 
     ``entries`` come from the auth file (already validated and ``$VAR``-expanded);
     ``docker_config`` is a path to docker's config.json, ``None`` for the default location,
-    or ``False`` to ignore docker's config entirely.
+    or ``False`` to ignore docker's config entirely. ``helper_timeout`` bounds one credential
+    helper run (default: ``SYNCER_CREDENTIAL_HELPER_TIMEOUT`` or 30 s).
     """
 
     def __init__(
-        self, entries: list[AuthEntry] | None = None, docker_config: str | Path | bool | None = None
+        self,
+        entries: list[AuthEntry] | None = None,
+        docker_config: str | Path | bool | None = None,
+        *,
+        helper_timeout: float | None = None,
     ):
         self._entries = sorted(entries or [], key=lambda e: len(e.prefix), reverse=True)
-        self._docker_auths = _load_docker_auths(docker_config)
+        config = _load_docker_config(docker_config)
+        self._docker_auths = config.auths
+        self._helpers = HelperCache(
+            config.creds_store, config.cred_helpers, config_path=config.path,
+            timeout=helper_timeout,
+        )
 
     def entry_for(self, registry: str, repository: str = "") -> AuthEntry:
         """The settings for ``registry/repository``: longest matching auth-file prefix, with
-        docker config.json credentials filled in when the entry carries none."""
+        docker config.json credentials filled in when the entry carries none.
+
+        Raises :class:`~syncer.registry.credhelpers.CredentialHelperError` when docker's
+        credential helper for the registry is missing or fails.
+        """
         registry = normalize_registry(registry)
         entry = next((e for e in self._entries if _matches(e.prefix, registry, repository)), None)
         if entry is None:
             entry = AuthEntry(prefix=registry)
         if not entry.credentials:
-            docker = self._docker_auths.get(registry)
+            docker = self._docker_credentials(registry)
             if docker:
                 entry = AuthEntry(entry.prefix, docker, entry.insecure, entry.ca_file)
         return entry
 
+    def _docker_credentials(self, registry: str) -> Credentials | None:
+        """docker's credentials for ``registry``: its helper's, else the inline entry's."""
+        answer = self._helpers.get(registry)
+        if answer is not None:
+            return _helper_credentials(answer)
+        return self._docker_auths.get(registry)
+
     def registry_settings(self, registry: str) -> AuthEntry:
-        """The registry-wide entry (for TLS decisions, which are per host, not per namespace)."""
+        """The registry-wide entry (for TLS decisions and limits, which are per host, not per
+        namespace)."""
         registry = normalize_registry(registry)
         candidates = [e for e in self._entries if normalize_registry(e.registry) == registry]
         insecure = any(e.insecure for e in candidates)
         ca_file = next((e.ca_file for e in candidates if e.ca_file), None)
-        return AuthEntry(prefix=registry, insecure=insecure, ca_file=ca_file)
+        concurrency = next((e.max_concurrency for e in candidates if e.max_concurrency), None)
+        rate = next((e.requests_per_second for e in candidates if e.requests_per_second), None)
+        return AuthEntry(prefix=registry, insecure=insecure, ca_file=ca_file,
+                         max_concurrency=concurrency, requests_per_second=rate)
 
     @property
     def prefixes(self) -> tuple[str, ...]:
@@ -109,8 +142,9 @@ class CredentialStore:
 
     @property
     def docker_registries(self) -> tuple[str, ...]:
-        """Registries docker's config.json holds credentials for (normalised)."""
-        return tuple(sorted(self._docker_auths))
+        """Registries docker's config.json holds credentials for (normalised): inline
+        ``auths`` and ``credHelpers`` keys (``credsStore`` names no registry)."""
+        return tuple(sorted({*self._docker_auths, *self._helpers.cred_helpers}))
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -120,6 +154,7 @@ class CredentialStore:
             found.extend(entry.credentials.secrets)
         for creds in self._docker_auths.values():
             found.extend(creds.secrets)
+        found.extend(self._helpers.secrets)  # what credential helpers answered so far
         return tuple(found)
 
 
@@ -129,27 +164,60 @@ def docker_config_path() -> Path:
     return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
 
 
-def _load_docker_auths(path: str | Path | bool | None) -> dict[str, Credentials]:
+@dataclass(frozen=True)
+class _DockerConfig:
+    """What config.json says about credentials."""
+
+    path: str = ""
+    auths: dict[str, Credentials] = field(default_factory=dict)
+    creds_store: str | None = None
+    cred_helpers: dict[str, str] = field(default_factory=dict)
+
+
+def _load_docker_config(path: str | Path | bool | None) -> _DockerConfig:
     if path is False:
-        return {}
+        return _DockerConfig()
     path = docker_config_path() if path in (None, True) else Path(path)  # type: ignore[arg-type]
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError):
-        return {}
-    auths = doc.get("auths") if isinstance(doc, dict) else None
-    if not isinstance(auths, dict):
-        return {}
+        return _DockerConfig()
+    if not isinstance(doc, dict):
+        return _DockerConfig()
+    auths = doc.get("auths")
     found: dict[str, Credentials] = {}
-    for key, value in auths.items():
+    for key, value in (auths.items() if isinstance(auths, dict) else ()):
         if not isinstance(value, dict):
             continue
         creds = _docker_entry_credentials(value)
-        if not creds:
-            continue
-        host = "docker.io" if key in _DOCKER_HUB_CONFIG_KEYS else _strip_scheme(key)
-        found[normalize_registry(host)] = creds
-    return found
+        if creds:
+            found[_config_key_registry(key)] = creds
+    store = doc.get("credsStore")
+    helpers = doc.get("credHelpers")
+    return _DockerConfig(
+        path=str(path),
+        auths=found,
+        creds_store=store if isinstance(store, str) and store else None,
+        cred_helpers={
+            _config_key_registry(key): name
+            for key, name in (helpers.items() if isinstance(helpers, dict) else ())
+            if isinstance(key, str) and isinstance(name, str) and name
+        },
+    )
+
+
+def _config_key_registry(key: str) -> str:
+    """A config.json key (``https://index.docker.io/v1/``, ``https://host/``, ``host``) as
+    a normalised registry."""
+    host = "docker.io" if key in _DOCKER_HUB_CONFIG_KEYS else _strip_scheme(key)
+    return normalize_registry(host)
+
+
+def _helper_credentials(answer: HelperSecret) -> Credentials:
+    """A helper's answer as credentials: ``<token>`` marks an identity (refresh) token."""
+    if answer.is_identity_token:
+        return Credentials(identity_token=answer.secret)
+    return Credentials(username=answer.username, password=answer.secret)
 
 
 def _strip_scheme(key: str) -> str:

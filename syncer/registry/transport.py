@@ -32,13 +32,18 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
+import re
+import ssl
 import threading
 from collections.abc import Iterable
 from urllib.parse import urlparse
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.util.ssl_ import create_urllib3_context
 
+from syncer.registry import observe
 from syncer.registry.auth import Authenticator
 from syncer.registry.credentials import CredentialStore
 from syncer.registry.errors import (
@@ -51,6 +56,7 @@ from syncer.registry.errors import (
     TransportError,
 )
 from syncer.registry.hostgate import DEFAULT_RATE_LIMIT_PAUSE, Gate, HostGate
+from syncer.registry.limits import Limit, Limiter, limited
 from syncer.registry.reference import api_host
 from syncer.registry.retry import (
     REQUEST_RETRIES,
@@ -63,6 +69,11 @@ from syncer.registry.retry import (
 log = logging.getLogger(__name__)
 
 USER_AGENT = "image-syncer-py/0.1"
+# Connections kept per host. Sockets are opened lazily, so a large pool costs nothing; it must
+# cover the requests in flight at once — images at once x (blob workers + 1 manifest request):
+# at most 256 (`--proc`, `--concurrency`) x (4 + 1) — or urllib3 opens a throw-away connection
+# for each request past it (and warns).
+POOL_SIZE = 256 * (4 + 1)
 DEFAULT_TIMEOUT = (10.0, 120.0)  # (connect, read) seconds; read = max silence between bytes
 _NOT_FOUND_CODES = {"NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN", "BLOB_UPLOAD_UNKNOWN"}
 _TRANSIENT_CODES = {"TOOMANYREQUESTS", "UNAVAILABLE", "UNKNOWN"}
@@ -137,7 +148,9 @@ class Transport:
     does), and only after the host proved it speaks the registry API over HTTP.
 
     ``gate`` is the process's rate-limit gate (one is made when none is given);
-    ``retry_policy`` the in-place policy for replayable requests and token fetches.
+    ``retry_policy`` the in-place policy for replayable requests and token fetches;
+    ``limiter`` the process's per-registry limiter (the auth file's ``max_concurrency`` /
+    ``requests_per_second``; one is made when none is given).
     """
 
     def __init__(
@@ -146,9 +159,10 @@ class Transport:
         store: CredentialStore,
         *,
         timeout: tuple[float, float] = DEFAULT_TIMEOUT,
-        pool_size: int = 32,
+        pool_size: int = POOL_SIZE,
         gate: Gate | None = None,
         retry_policy: RetryPolicy = REQUEST_RETRIES,
+        limiter: Limiter | None = None,
     ):
         self.registry = registry
         self.host = api_host(registry)
@@ -158,14 +172,22 @@ class Transport:
         self.retry_policy = retry_policy
         settings = store.registry_settings(registry)
         self.insecure = settings.insecure
+        # The auth file's max_concurrency / requests_per_second: None (no cost) when unset.
+        self.limit = (limiter or Limiter()).bind(
+            registry, Limit(settings.max_concurrency, settings.requests_per_second)
+        )
         self.session = requests.Session()  # trust_env: HTTP(S)_PROXY / NO_PROXY are honoured
         self.session.headers["User-Agent"] = USER_AGENT
+        # ~/.netrc is not a source of registry credentials: requests would look it up (three
+        # stat calls) on every request and, on a match, overwrite our Authorization header.
+        self.session.auth = _NO_AUTH
+        self._environment: dict[str, tuple[dict[str, str], bool | str]] = {}
         # Passed on every request: requests lets REQUESTS_CA_BUNDLE override a session's
         # ``verify`` (psf/requests#3829), which would silently drop a configured CA.
         self.verify: bool | str = False if settings.insecure else (settings.ca_file or True)
         self.session.verify = self.verify
         # max_retries=0: retries are ours (see the module docstring for why not urllib3's).
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        adapter = _TLSContextAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
         if settings.insecure:
@@ -193,33 +215,40 @@ class Transport:
         https = f"https://{self.host}"
         self.gate.wait(self.host)
         try:
-            self.session.get(
+            answer = limited(self.limit, lambda: self.session.get(
                 f"{https}/v2/", timeout=self.timeout, allow_redirects=False, verify=self.verify
-            ).close()
+            ))
+            answer.close()
+            self._observe("GET", answer.url, answer.status_code)
             return https
         except requests.exceptions.SSLError as exc:
             tls_error: requests.RequestException = exc
         except requests.RequestException as exc:
             if not plain_allowed:
+                self._observe("GET", f"{https}/v2/", None)
                 raise self._transport_error("ping", exc) from None
             tls_error = exc
         if plain_allowed:
             http = f"http://{self.host}"
             try:
-                answer = self.session.get(
+                answer = limited(self.limit, lambda: self.session.get(
                     f"{http}/v2/", timeout=self.timeout, allow_redirects=False
-                )
+                ))
             except requests.RequestException as exc:
                 # Neither scheme answered: a network fault (retried), not a TLS verdict.
+                self._observe("GET", f"{http}/v2/", None)
                 raise self._transport_error("ping", exc) from None
+            self._observe("GET", answer.url, answer.status_code)
             with answer:
                 # A TLS-only server answers plain HTTP with a 400; a registry answers 200 or
                 # 401, or a transient 5xx/429 (a proxy or a registry in trouble: try again).
                 if answer.status_code in (200, 401):
                     return http
                 if answer.status_code >= 500 or answer.status_code in (408, 429):
+                    self._observe("GET", answer.url, answer.status_code, failed=True)
                     self._note_rate_limit(answer)
                     raise_for_response(answer, self.registry, "ping")
+        self._observe("GET", f"{https}/v2/", None)
         raise self._transport_error("ping", tls_error) from None
 
     def _transport_error(self, what: str, exc: Exception) -> TransportError:
@@ -288,8 +317,11 @@ class Transport:
             log.info(
                 "retry %d/%d in %.2fs: %s at %s: %s",
                 number, self.retry_policy.max_retries, wait, what, self.registry,
-                _reason(exc),
+                _reason(exc), extra={"registry": self.registry, "error": _reason(exc)},
             )
+            watcher = observe.observer
+            if watcher is not None:
+                watcher.retried(self.registry)
 
         return call_with_retries(
             operation, self.retry_policy, on_retry=note, deadline=current_deadline()
@@ -331,6 +363,7 @@ class Transport:
                 raise _Settled(exc) from None
             response = self._send(method, url, sent_headers, data, stream, what)
         if response.status_code not in allowed:
+            self._observe(method, url, response.status_code, failed=True)
             try:
                 self._note_rate_limit(response)
                 raise_for_response(response, self.registry, what)
@@ -351,27 +384,173 @@ class Transport:
             host = urlparse(response.url).netloc or self.host
             seconds = asked if asked is not None else DEFAULT_RATE_LIMIT_PAUSE
             log.info("%s: HTTP %d, pausing requests to %s for %.1fs", self.registry, status,
-                     host, seconds)
+                     host, seconds, extra={"registry": self.registry})
             self.gate.pause(host, seconds)
 
     def _send(self, method, url, headers, data, stream, what) -> requests.Response:
-        self.gate.wait(urlparse(url).netloc)
+        origin, netloc = _origin(url)
+        self.gate.wait(netloc)
         try:
-            return self.session.request(
-                method,
-                url,
-                headers=headers,
-                data=data,
+            # Within a slot of the registry's limits, if it has any (held until a streamed
+            # body is closed: see syncer.registry.limits).
+            response = limited(
+                self.limit,
+                lambda: self._dispatch(method, url, origin, headers, data, stream),
                 stream=stream,
-                timeout=self.timeout,
-                verify=self.verify,
+                ready=lambda: self.gate.wait(netloc),  # a 429 pause begun while waiting
             )
         except requests.RequestException as exc:
+            self._observe(method, url, None)
             raise self._transport_error(what, exc) from None
+        if observe.observer is not None:  # metrics off: this check is all it costs
+            self._observe(method, url, response.status_code)
+        return response
+
+    def _dispatch(self, method, url, origin, headers, data, stream) -> requests.Response:
+        """``session.request`` without its per-request cost: the request is prepared here and
+        handed to ``session.send`` (which still follows redirects, dropping Authorization on
+        another host, and keeps cookies), with the environment's proxies and CA bundle looked
+        up once per origin. ``Session.request`` would re-merge every session setting through
+        requests' Protocol ``isinstance`` checks and re-read the whole environment
+        (``getproxies_environment``) on each call: together more CPU than the HTTP exchange."""
+        proxies, verify = self._environment_for(origin, url)
+        request = requests.PreparedRequest()
+        # The steps of PreparedRequest.prepare, in its order, but an absolute URL made only
+        # of URI characters (ours: names and digests checked by the reference parser, and
+        # registry-issued Locations) is used as it is: requests' parse-and-requote (a Python
+        # loop over every character of a long upload ``_state``) would give it back unchanged.
+        request.prepare_method(method)
+        if _PLAIN_URL.match(url):
+            request.url = url
+        else:
+            request.prepare_url(url, None)
+        request.prepare_headers({**self.session.headers, **headers})
+        if self.session.cookies:
+            request.prepare_cookies(self.session.cookies)
+        else:  # what prepare_cookies leaves (redirects extract into it), minus the jar walk
+            request._cookies = self.session.cookies
+        request.prepare_body(data, None, None)
+        if "@" in url:  # prepare_auth(None) only takes credentials from the URL's userinfo
+            request.prepare_auth(None, url)
+        request.prepare_hooks(self.session.hooks)
+        return self.session.send(
+            request, stream=stream, timeout=self.timeout, verify=verify, proxies=proxies,
+            allow_redirects=True,
+        )
+
+    def _environment_for(self, origin: str, url: str) -> tuple[dict[str, str], bool | str]:
+        """The proxies and ``verify`` value requests would derive from the environment for
+        ``origin`` (``HTTP(S)_PROXY``/``NO_PROXY``; ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``
+        when TLS is verified against the default store), computed on first use."""
+        found = self._environment.get(origin)
+        if found is None:
+            proxies = dict(self.session.proxies)
+            verify = self.verify
+            if self.session.trust_env:
+                proxies.update(requests.utils.get_environ_proxies(url))
+                if verify is True:
+                    verify = (
+                        os.environ.get("REQUESTS_CA_BUNDLE")
+                        or os.environ.get("CURL_CA_BUNDLE")
+                        or True
+                    )
+            found = self._environment[origin] = (proxies, verify)
+        return found
+
+    def _observe(self, method: str, url: str, status: int | None, *, failed: bool = False) -> None:
+        """Tell the installed :mod:`~syncer.registry.observe` observer, if any, about a request
+        (``failed``: a response the caller does not accept; None: no response at all)."""
+        watcher = observe.observer
+        if watcher is None:
+            return
+        operation = observe.operation_of(url)
+        if failed and status is not None:
+            watcher.failed(self.registry, method, operation, status)
+        else:
+            watcher.request(self.registry, method, operation, status)
 
     def close(self) -> None:
         """Close pooled connections."""
         self.session.close()
+
+
+class _TLSContextAdapter(HTTPAdapter):
+    """An ``HTTPAdapter`` that uses one ``SSLContext`` per ``verify`` value and process, not
+    one per connection.
+
+    requests hands urllib3 a CA *path* (``ca_certs``, certifi's bundle by default), so every
+    new HTTPS connection made a fresh context and parsed the whole bundle again — some 50 ms
+    of CPU per connection, times the pool size per registry. Here the context (same settings:
+    urllib3's defaults, CERT_REQUIRED with hostname check, the same CA file or directory; or
+    CERT_NONE for an ``insecure`` registry) is made once and passed as ``ssl_context``.
+    """
+
+    # Shared by every adapter of the process (one per registry): an SSLContext is safe to
+    # use from many threads and connections at once.
+    _contexts: dict[bool | str, ssl.SSLContext] = {}
+    _contexts_lock = threading.Lock()
+
+    def _context(self, verify: bool | str) -> ssl.SSLContext:
+        with self._contexts_lock:
+            context = self._contexts.get(verify)
+            if context is None:
+                if verify is False:
+                    context = create_urllib3_context(cert_reqs=ssl.CERT_NONE)
+                else:
+                    context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+                    where = requests.utils.DEFAULT_CA_BUNDLE_PATH if verify is True else verify
+                    try:
+                        if os.path.isdir(where):
+                            context.load_verify_locations(capath=where)
+                        else:
+                            context.load_verify_locations(cafile=where)
+                    except OSError as exc:  # ssl.SSLError too: not a CA file
+                        # What urllib3 would have met on connecting: a TLS error, not a crash.
+                        raise requests.exceptions.SSLError(
+                            f"cannot load the CA certificates {where}: {exc}"
+                        ) from None
+                self._contexts[verify] = context
+            return context
+
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):
+        """requests' pool key, with our shared context in place of a CA path."""
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(
+            request, verify, cert
+        )
+        if host_params.get("scheme") == "https" and verify is not None:
+            pool_kwargs.pop("ca_certs", None)
+            pool_kwargs.pop("ca_cert_dir", None)
+            pool_kwargs["ssl_context"] = self._context(verify)
+        return host_params, pool_kwargs
+
+    def cert_verify(self, conn, url, verify, cert) -> None:
+        """As requests does, minus the CA path when the pool has our context (urllib3 would
+        load the path into that context again on every connection)."""
+        super().cert_verify(conn, url, verify, cert)
+        if getattr(conn, "conn_kw", {}).get("ssl_context") is not None:
+            conn.ca_certs = None
+            conn.ca_cert_dir = None
+
+
+class _NoAuth(requests.auth.AuthBase):
+    """Leaves a request as it is (set as the session's auth so requests skips ~/.netrc)."""
+
+    def __call__(self, request):
+        return request
+
+
+_NO_AUTH = _NoAuth()
+_ORIGIN_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)")
+# An http(s) URL with a host and only RFC 3986 characters: nothing for requests to requote.
+_PLAIN_URL = re.compile(r"^https?://[A-Za-z0-9.:\[\]-]+/[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*$")
+
+
+def _origin(url: str) -> tuple[str, str]:
+    """``(scheme://netloc, netloc)`` of an absolute URL (a cheaper ``urlparse``)."""
+    match = _ORIGIN_RE.match(url)
+    if match is None:
+        return "", ""
+    return match[0], match[2]
 
 
 def _is_replayable(data) -> bool:

@@ -3,6 +3,17 @@ in chunks, resumed from the session's status after a broken PATCH.
 
 :class:`BlobUploads` is used through :meth:`syncer.registry.client.RegistryClient.upload_blob`;
 the bytes come from an :class:`UploadSource` (the copier's verified, resumable reader).
+
+Fewer requests per blob:
+
+- :meth:`BlobUploads.start` with ``mount_from`` is the spec's ``POST ?mount=&from=``: ``201``
+  when the registry linked the blob (nothing to send), otherwise ``202`` with a session —
+  which :meth:`BlobUploads.upload` takes as is, instead of discarding it and opening another.
+- A blob that fits in one read chunk is sent with the POST itself (``POST ?digest=`` with the
+  body: "single POST" monolithic upload, optional in the spec) where the registry is known to
+  store it. Whether it does is learnt once per registry, with a small blob: distribution 2.8
+  answers ``202`` and drops the body — the bytes are still in hand then, and go to that
+  session with the usual ``PUT``, so the probe costs no request.
 """
 
 from __future__ import annotations
@@ -13,11 +24,12 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import parse_qsl, urlencode, urljoin, urlparse, urlunparse
 
 from syncer.registry.auth import repository_scope
-from syncer.registry.errors import RegistryError
+from syncer.registry.errors import AuthenticationError, RegistryError
 from syncer.registry.retry import REQUEST_RETRIES, current_deadline
 from syncer.registry.transport import Transport
 
@@ -28,6 +40,28 @@ UPLOAD_CHUNK = 128 * 1024 * 1024  # size of one PATCH when uploading in chunks
 UPLOAD_RESUMES = dataclasses.replace(REQUEST_RETRIES, max_retries=5)
 _UPLOAD_RANGE_RE = re.compile(r"^\s*(?:bytes=)?0-(\d+)\s*$")
 log = logging.getLogger(__name__)
+#: The largest blob sent to learn whether a registry stores the body of a ``POST ?digest=``.
+#: Small on purpose: a registry that ignores the body (distribution 2.8) answers before reading
+#: it, and Go's server drains at most 256 KiB of an unread body to keep the connection.
+SINGLE_POST_PROBE_MAX = 64 * 1024
+
+
+@dataclass(frozen=True)
+class UploadSession:
+    """An open upload session: the absolute URL to send to, and the registry's minimum chunk
+    length (``OCI-Chunk-Min-Length``; 0 when none)."""
+
+    location: str
+    min_chunk: int = 0
+
+
+@dataclass(frozen=True)
+class UploadStart:
+    """The answer to an upload POST: ``mounted`` (``201``: the blob is linked, nothing to send)
+    or the ``session`` (``202``) to upload it to."""
+
+    mounted: bool
+    session: UploadSession | None = None
 
 
 def _with_query(url: str, **params: str) -> str:
@@ -43,6 +77,91 @@ class BlobUploads:
     def __init__(self, registry: str, transport: Transport):
         self.registry = registry
         self.transport = transport
+        #: Whether this registry stores the body of a ``POST ?digest=`` (``201``): None until
+        #: learnt from the first small blob uploaded without a session (see the module doc).
+        self.single_post: bool | None = None
+
+    def start(
+        self, repository: str, digest: str, *, mount_from: str | None = None
+    ) -> UploadStart:
+        """Open an upload session for ``digest``; with ``mount_from``, ask the registry to link
+        the blob from that repository instead (``201``: :attr:`UploadStart.mounted`). A mount
+        the registry declines still opens the session we need (``202``), per the spec.
+
+        ``mount_from`` may be ``repository`` itself: then the one POST answers "already
+        here?" (``201``) and otherwise starts the upload — a HEAD and a POST in one request.
+        """
+        scopes = [repository_scope(repository, "pull,push")]
+        path = f"/v2/{repository}/blobs/uploads/"
+        what = f"start upload {digest[:19]}"
+        if mount_from:
+            if mount_from != repository:
+                scopes.append(repository_scope(mount_from, "pull"))
+            path += "?" + urlencode({"mount": digest, "from": mount_from})
+            what = f"mount blob {digest[:19]} from {mount_from}"
+        response = self.transport.request(
+            "POST",
+            path,
+            repository=repository,
+            scopes=tuple(scopes),
+            what=what,
+            ok=(201, 202) if mount_from else (202,),
+        )
+        response.close()
+        if response.status_code == 201:
+            return UploadStart(True)
+        return UploadStart(False, self._session(response))
+
+    def _session(self, response) -> UploadSession:
+        """The session a ``202`` opened."""
+        location = response.headers.get("Location")
+        if not location:
+            raise RegistryError(
+                f"upload POST answered {response.status_code} without a Location",
+                registry=self.registry, status=response.status_code,
+            )
+        return UploadSession(
+            urljoin(self.transport.base_url + "/", location),
+            int(response.headers.get("OCI-Chunk-Min-Length") or 0),
+        )
+
+    def _post_whole(self, repository: str, digest: str, body: bytes) -> UploadSession | None:
+        """Send the whole blob with the POST (``?digest=``). None when the registry stored it
+        (``201``); otherwise the session it opened (distribution: ``202``, body dropped), to
+        which the caller sends the same bytes again."""
+        try:
+            response = self.transport.request(
+                "POST",
+                f"/v2/{repository}/blobs/uploads/?{urlencode({'digest': digest})}",
+                repository=repository,
+                scopes=(repository_scope(repository, "pull,push"),),
+                what=f"upload blob {digest[:19]} in one request",
+                ok=(201, 202),
+                headers={"Content-Type": "application/octet-stream"},
+                data=body,
+            )
+        except RegistryError as exc:
+            if exc.transient or isinstance(exc, AuthenticationError) or self.single_post:
+                raise
+            # Refused outright (a registry that wants no body on POST): never again here.
+            log.info("%s: no single-request uploads (%s)", self.registry, exc)
+            self.single_post = False
+            return self.start(repository, digest).session
+        response.close()
+        if response.status_code == 201:
+            if self.single_post is None:
+                log.info("%s stores single-request uploads: using them for small blobs",
+                         self.registry)
+            self.single_post = True
+            return None
+        self.single_post = False
+        return self._session(response)
+
+    def _single_post_for(self, size: int) -> bool:
+        """Whether a blob of ``size`` bytes goes with the POST (see the module docstring)."""
+        if size > STREAM_CHUNK or self.single_post is False:
+            return False
+        return bool(self.single_post) or size <= SINGLE_POST_PROBE_MAX
 
     def abort(self, repository: str, location: str) -> None:
         """DELETE an upload session (best effort: the registry purges stale ones anyway)."""
@@ -57,42 +176,51 @@ class BlobUploads:
                 allow=(404,),
             ).close()
 
-    def upload(self, repository: str, digest: str, source: UploadSource) -> int:
+    def upload(
+        self,
+        repository: str,
+        digest: str,
+        source: UploadSource,
+        session: UploadSession | None = None,
+    ) -> int:
         """Upload blob ``digest`` in one session, reading it from ``source``; return how many
         times a broken PATCH was resumed.
 
-        Monolithic (POST, then one PUT ``?digest=`` with ``Content-Length``: streamed, or as
-        bytes when the blob fits in :data:`STREAM_CHUNK`) up to
-        :data:`CHUNKED_UPLOAD_THRESHOLD`; beyond it, or when the registry sets
-        ``OCI-Chunk-Min-Length``, PATCHes of :data:`UPLOAD_CHUNK` bytes with
-        ``Content-Range``, closed by an empty PUT ``?digest=``. A PATCH that fails
-        transiently is resumed where the session's status says the registry stands
-        (``source.seek``), at most ``UPLOAD_RESUMES.max_retries`` times in a row without a
-        PATCH going through (each one that does renews the budget). Anything else — a broken
-        PUT, a lost session, a source failure — aborts (DELETEs) the session and raises, for
-        the caller to restart this blob (:func:`syncer.copy.blobstream.copy_blob`). The final
-        ``?digest=`` has the registry check the whole blob too.
+        ``session`` is a session already open (the ``202`` of a mount POST); without one, a
+        small blob may go with the POST itself (see the module docstring), else a POST opens
+        one. Monolithic (one PUT ``?digest=`` with ``Content-Length``: streamed, or as bytes
+        when the blob fits in :data:`STREAM_CHUNK`) up to :data:`CHUNKED_UPLOAD_THRESHOLD`;
+        beyond it, or when the registry sets ``OCI-Chunk-Min-Length``, PATCHes of
+        :data:`UPLOAD_CHUNK` bytes with ``Content-Range``, closed by an empty PUT
+        ``?digest=``. A PATCH that fails transiently is resumed where the session's status
+        says the registry stands (``source.seek``), at most ``UPLOAD_RESUMES.max_retries``
+        times in a row without a PATCH going through (each one that does renews the budget).
+        Anything else — a broken PUT, a lost session, a source failure — aborts (DELETEs) the
+        session and raises, for the caller to restart this blob
+        (:func:`syncer.copy.blobstream.copy_blob`). The final ``?digest=`` has the registry
+        check the whole blob too.
         """
         scopes = (repository_scope(repository, "pull,push"),)
         size = source.size
-        started = self.transport.request(
-            "POST",
-            f"/v2/{repository}/blobs/uploads/",
-            repository=repository,
-            scopes=scopes,
-            what=f"start upload {digest[:19]}",
-            ok=(202,),
-        )
-        started.close()
-        location = urljoin(self.transport.base_url + "/", started.headers["Location"])
-        min_chunk = int(started.headers.get("OCI-Chunk-Min-Length") or 0)
+        body: bytes | _SizedStream | None = None
+        if session is None and self._single_post_for(size):
+            # Verified whole before it leaves (read(0) checks an empty blob's digest).
+            body = b"".join(source.read(size))
+            session = self._post_whole(repository, digest, body)
+            if session is None:
+                return 0
+        if session is None:
+            session = self.start(repository, digest).session
+        assert session is not None
+        location = session.location
         resumes = 0
         try:
-            if size > CHUNKED_UPLOAD_THRESHOLD or min_chunk:
+            if body is not None:
+                pass  # already read: a monolithic PUT is always allowed, chunk minimum or not
+            elif size > CHUNKED_UPLOAD_THRESHOLD or session.min_chunk:
                 location, resumes = self._patch_chunks(
-                    repository, location, source, max(UPLOAD_CHUNK, min_chunk)
+                    repository, location, source, max(UPLOAD_CHUNK, session.min_chunk)
                 )
-                body = None
             elif size <= STREAM_CHUNK:
                 # No bigger than the one chunk the reader holds anyway: verified whole before
                 # the PUT starts, and as bytes it can be replayed in place by the transport

@@ -8,12 +8,14 @@ the ledger, the summary and the failed-images file show.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from syncer.copy.copier import CopyResult, ImageCopier
 from syncer.plan.jobs import Job
 from syncer.registry.errors import SyncerError
 from syncer.registry.reference import parse_reference
+from syncer.run import metrics
 
 
 def attempt_job(
@@ -22,11 +24,22 @@ def attempt_job(
     on_bytes: Callable[[int], None] | None = None,
     deadline: float | None = None,
 ) -> CopyResult:
-    """Copy ``job.source`` to ``job.destination`` once (by ``deadline``, if given)."""
+    """Copy ``job.source`` to ``job.destination`` once (by ``deadline``, if given).
+
+    Every attempt is timed for the metrics (:mod:`syncer.run.metrics`, when enabled); a
+    success is final, so it also counts the image.
+    """
     source = parse_reference(job.source)
     destination = parse_reference(job.destination)
-    return copier.copy(source, destination, platforms=job.platforms, force=job.force,
-                       on_bytes=on_bytes, deadline=deadline)
+    started = time.monotonic()
+    try:
+        result = copier.copy(source, destination, platforms=job.platforms, force=job.force,
+                             on_bytes=on_bytes, deadline=deadline, referrers=job.referrers)
+    except BaseException:
+        metrics.record_attempt(time.monotonic() - started, None)
+        raise
+    metrics.record_attempt(time.monotonic() - started, result)
+    return result
 
 
 def describe_error(exc: BaseException) -> str:

@@ -13,8 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from syncer.copy.copier import ImageCopier
 from syncer.plan.jobs import Job, Plan
 from syncer.registry.retry import RetryPolicy, call_with_retries
+from syncer.run import metrics
 from syncer.run.attempt import attempt_job, describe_error
 from syncer.run.ledger import Ledger
+from syncer.run.logsetup import failure_fields, log_context
 from syncer.run.report import result_line
 
 log = logging.getLogger("syncer.run.embedded")
@@ -33,16 +35,23 @@ def run_plan(
     """Run every job of ``plan``, ``workers`` at a time, recording outcomes in ``ledger``."""
     ledger.begin(plan.jobs, plan.failures)
     for failure in plan.failures:
-        log.error("failed %s: %s", failure.label, failure.reason)
+        log.error("failed %s: %s", failure.label, failure.reason,
+                  extra={"image": failure.label, "error": failure.reason})
 
     def run(job: Job) -> None:
+        attempts = 0
+
         def attempt():
+            nonlocal attempts
+            attempts += 1
             ledger.mark_running(job.id)
-            return attempt_job(copier, job, on_bytes)
+            with log_context(attempt=attempts):
+                return attempt_job(copier, job, on_bytes)
 
         def note_retry(number: int, exc: BaseException, delay: float) -> None:
             reason = describe_error(exc)
             ledger.mark_retrying(job.id, reason)
+            metrics.record_image_retry()
             log.warning(
                 "retry %d/%d in %.1fs for %s: %s",
                 number,
@@ -50,19 +59,24 @@ def run_plan(
                 delay,
                 job.label,
                 reason,
+                extra=failure_fields(exc, reason, attempts),
             )
 
-        try:
-            result = call_with_retries(attempt, policy, on_retry=note_retry)
-        except Exception as exc:
-            reason = describe_error(exc)
-            ledger.mark_failed(job.id, reason)
-            log.error("failed %s: %s", job.label, reason)
-        else:
-            ledger.mark_done(job.id, result.to_dict())
-            log.info("%s", result_line(result))
+        with log_context(run_id=getattr(ledger, "run_id", None), image=job.label):
+            try:
+                result = call_with_retries(attempt, policy, on_retry=note_retry)
+            except Exception as exc:
+                reason = describe_error(exc)
+                ledger.mark_failed(job.id, reason)
+                metrics.record_failure()
+                log.error("failed %s: %s", job.label, reason,
+                          extra=failure_fields(exc, reason, attempts))
+            else:
+                ledger.mark_done(job.id, result.to_dict())
+                log.info("%s", result_line(result), extra={"attempt": attempts})
         if on_job_done is not None:
             on_job_done()
 
     with ThreadPoolExecutor(max(workers, 1), thread_name_prefix="image") as pool:
         list(pool.map(run, plan.jobs))
+

@@ -1,8 +1,10 @@
 """A live progress view (images done/total, bytes, rate) drawn from ledger summaries.
 
 On a terminal it is a rich progress bar; elsewhere nothing is drawn (the log lines say it
-all). The view polls a ``summary()`` callable, so the same view serves the embedded run
-(a :class:`~syncer.run.ledger.MemoryLedger`) and a distributed run (a Redis ledger).
+all) and rich is not even imported. The view polls a ``summary()`` callable, so the same view
+serves the embedded run (a :class:`~syncer.run.ledger.MemoryLedger`) and a distributed run (a
+Redis ledger). The bar is redrawn a few times a second by its own thread, from the summary:
+the copy threads never touch it (their per-chunk byte count is one locked addition).
 """
 
 from __future__ import annotations
@@ -10,18 +12,10 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
-
-from syncer.run.ledger import RunSummary
-from syncer.run.report import human_bytes
+if TYPE_CHECKING:
+    from syncer.run.ledger import RunSummary
 
 
 class ByteCounter:
@@ -54,18 +48,32 @@ class ProgressView:
         self._interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._progress = Progress(
-            TextColumn("[bold]images"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            transient=False,
-        )
-        self._task = self._progress.add_task("images", total=None, detail="")
+        self._progress = None
+        self._task = None
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]images"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._task = self._progress.add_task("images", total=None, detail="")
 
     def _draw(self) -> None:
+        from syncer.run.report import human_bytes
+
         try:
             summary = self._summary()
         except Exception:

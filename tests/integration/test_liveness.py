@@ -241,12 +241,12 @@ def test_plan_wait_gives_up_on_a_stalled_run_and_names_the_image(make_registry, 
                                                                  redis_server, cluster,
                                                                  tmp_path):
     src, dst = make_registry(), make_registry()
-    pushed = push_tags(src, 3)
+    push_tags(src, 3)
     proxy = make_proxy(src)
     stuck = "t01"
     # A wedged copy: the worker waits on a source that answers nothing (no state change, no
     # byte moves) for far longer than the stall timeout.
-    proxy.delay_next(1, 60.0, f"/manifests/{pushed[stuck].digest}", method="GET")
+    proxy.delay_next(1, 60.0, f"/manifests/{stuck}", method="GET")
     auth = trusting_auth(tmp_path / "auth.json", proxy.host, dst.host)
     rules = write_json(tmp_path / "images.json",
                        {f"{proxy.host}/{SRC_REPO}": f"{dst.host}/{DST_REPO}"})

@@ -166,3 +166,55 @@ def test_lost_starts_are_counted_and_capped(redis_server):
     ledger.add_activity(24)
     assert ledger.activity() == 1024 and client.ttl(ledger.key("activity")) > 0
     assert client.ttl(ledger.key("lost")) > 0 and client.ttl(ledger.key("holder")) > 0
+
+
+def test_a_large_run_is_created_and_summarised_in_a_few_round_trips(redis_server, monkeypatch):
+    """``begin`` writes thousands of jobs in chunked HSETs (one transaction); ``summary``
+    counts from the states and reads records only for final jobs, ignoring a state written
+    for an id that is not a job of the run; ``progress`` moves with states and bytes."""
+    import workers.redis_ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "BEGIN_CHUNK", 700)  # several chunks per hash
+    client = redis.Redis.from_url(str(redis_server))
+    jobs = [Job(f"src.io/a/app:{i}", f"dst.io/b/app:{i}") for i in range(2500)]
+    failures = [PlanFailure(f"src.io/a/gone{i}", f"dst.io/b/gone{i}", "NAME_UNKNOWN")
+                for i in range(3)]
+    ledger = RedisLedger(client, "run-large")
+    sends: list[object] = []  # one per round trip: a command, or a whole pipeline
+    send = redis.connection.Connection.send_packed_command
+
+    def counting(connection, command, *args, **kwargs):
+        sends.append(command)
+        return send(connection, command, *args, **kwargs)
+
+    client.ping()  # the connection's own set-up (HELLO, CLIENT …) is not the ledger's
+    monkeypatch.setattr(redis.connection.Connection, "send_packed_command", counting)
+    ledger.begin(jobs, failures, retries=1)
+    assert len(sends) == 1  # one transaction, not a command per field
+    assert client.hlen(ledger.key("jobs")) == 2503
+    assert client.hget(ledger.key("state"), jobs[-1].id) == b"pending"
+
+    ledger.mark_running(jobs[0].id, "w1")
+    ledger.mark_done(jobs[1].id, RESULT)
+    before = ledger.progress()
+    ledger.mark_running(jobs[2].id, "w1")
+    ledger.mark_retrying(jobs[2].id, "HTTP 503")
+    assert ledger.progress() != before
+    moved = ledger.progress()
+    ledger.add_activity(10)
+    assert ledger.progress() != moved
+    # A stray start for an id that is not a job of this run (a forged or misrouted message).
+    ledger.mark_running("not-a-job", "w1")
+
+    ledger.summary()  # loads the script once per server
+    sends.clear()
+    summary = ledger.summary()
+    assert len(sends) == 2  # the counts (one script), then the records of the final jobs
+    assert (summary.total, summary.synced, summary.failed, summary.running) == (2503, 1, 3, 2)
+    assert summary.pending == 2503 - 4
+    assert [r.destination for r in summary.succeeded] == [jobs[1].destination]
+    assert summary.succeeded[0].digest == RESULT["digest"]
+    assert sorted(r.reason for r in summary.failures) == ["NAME_UNKNOWN"] * 3
+    assert summary.bytes_copied == 500
+    records = {r.id: r for r in ledger.records()}
+    assert len(records) == 2503 and records[jobs[2].id].state == "retrying"

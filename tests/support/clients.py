@@ -54,3 +54,18 @@ def write_auth_file(path: Path, *regs: RegistryProcess, **overrides) -> Path:
         document[reg.host] = item
     path.write_text(json.dumps(document, indent=2))
     return path
+
+
+def offline_refresh_token(reg: RegistryProcess, user: str = "admin") -> str:
+    """What ``docker login`` keeps for an OAuth2-capable token server: a refresh token, asked
+    for once with the password (``offline_token=true``)."""
+    import requests
+
+    from tests.support import TOKEN_USERS
+
+    tokens = reg.token_server
+    assert tokens is not None, "a registry started with auth='token'"
+    answer = requests.get(tokens.realm, params={"service": reg.service, "offline_token": "true"},
+                          auth=(user, TOKEN_USERS[user]), timeout=10)
+    answer.raise_for_status()
+    return answer.json()["refresh_token"]

@@ -656,3 +656,270 @@ def walk_image(
             if check_blobs and not blob_exists(s, repo, desc["digest"]):
                 contents.missing.add(desc["digest"])
     return contents
+
+
+# --------------------------------------------------------------------------- artifacts, referrers
+
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+#: The OCI 1.1 "empty" config blob (``{}``) that artifacts without a config point at.
+EMPTY_CONFIG = b"{}"
+IN_TOTO = "application/vnd.in-toto+json"
+SPDX_JSON = "application/spdx+json"
+NOTATION_SIGNATURE = "application/vnd.cncf.notary.signature"
+COSIGN_SIGNATURE = "application/vnd.dev.cosign.simplesigning.v1+json"
+DSSE_ENVELOPE = "application/vnd.dsse.envelope.v1+json"
+UNKNOWN_PLATFORM: Platform = ("unknown", "unknown", None)
+
+
+@dataclass
+class PushedArtifact:
+    """A manifest about something else (an OCI artifact, a buildx attestation, a cosign
+    signature) pushed by :func:`push_artifact`, :func:`push_attestation` or
+    :func:`push_cosign`."""
+
+    repo: str
+    tag: str | None
+    digest: str
+    manifest: bytes
+    media_type: str
+    artifact_type: str
+    blobs: list[bytes]
+    subject: str | None
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def manifest_bytes(self) -> bytes:
+        """Alias of ``manifest``."""
+        return self.manifest
+
+    def descriptor(self) -> dict[str, Any]:
+        """The descriptor a referrers list holds for it (artifactType and annotations
+        included, as the OCI 1.1 spec asks)."""
+        out: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "digest": self.digest,
+            "size": len(self.manifest),
+            "artifactType": self.artifact_type,
+        }
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        return out
+
+
+def descriptor_of(pushed: Any) -> dict[str, Any]:
+    """``{"mediaType", "digest", "size"}`` of anything pushed or fetched (e.g. as a
+    ``subject``)."""
+    body = pushed.body if isinstance(pushed, FetchedManifest) else pushed.manifest
+    return {"mediaType": pushed.media_type, "digest": pushed.digest, "size": len(body)}
+
+
+def referrers_tag(digest: str) -> str:
+    """The OCI referrers tag schema's tag for ``digest``: ``sha256-<hex>``."""
+    algorithm, _, hexdigest = digest.partition(":")
+    return f"{algorithm}-{hexdigest}"
+
+
+def make_artifact_manifest(
+    payloads: Sequence[tuple[bytes, str]],
+    *,
+    artifact_type: str | None,
+    subject: Mapping[str, Any] | None = None,
+    annotations: Mapping[str, str] | None = None,
+    config: bytes = EMPTY_CONFIG,
+    config_media_type: str = OCI_EMPTY,
+    layer_annotations: Mapping[str, str] | None = None,
+) -> bytes:
+    """An OCI 1.1 image manifest used as an artifact: ``artifactType``, a config (by default
+    the empty descriptor, with its ``data``), ``layers`` of any media types, ``subject``."""
+    config_desc: dict[str, Any] = {
+        "mediaType": config_media_type, "digest": sha256_digest(config), "size": len(config),
+    }
+    if config == EMPTY_CONFIG and config_media_type == OCI_EMPTY:
+        config_desc["data"] = "e30="
+    layers = []
+    for data, media_type in payloads:
+        layer: dict[str, Any] = {
+            "mediaType": media_type, "digest": sha256_digest(data), "size": len(data),
+        }
+        if layer_annotations:
+            layer["annotations"] = dict(layer_annotations)
+        layers.append(layer)
+    doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_MANIFEST}
+    if artifact_type:
+        doc["artifactType"] = artifact_type
+    doc["config"] = config_desc
+    doc["layers"] = layers
+    if subject is not None:
+        doc["subject"] = dict(subject)
+    if annotations:
+        doc["annotations"] = dict(annotations)
+    return _dumps(doc)
+
+
+def push_artifact(
+    target: Target,
+    repo: str,
+    *,
+    artifact_type: str | None,
+    payloads: Sequence[tuple[bytes, str]],
+    subject: PushedImage | PushedIndex | PushedArtifact | None = None,
+    tag: str | None = None,
+    annotations: Mapping[str, str] | None = None,
+    config: bytes = EMPTY_CONFIG,
+    config_media_type: str = OCI_EMPTY,
+    layer_annotations: Mapping[str, str] | None = None,
+    auth: Auth = None,
+) -> PushedArtifact:
+    """Push an artifact (its blobs, then its manifest by digest, or under ``tag``).
+
+    Like ``oras attach`` against a registry with the referrers API; against one without it,
+    follow with :func:`add_to_referrers_tag` (what ORAS does there).
+    """
+    s = session_for(target, auth)
+    blobs = [config, *(data for data, _ in payloads)]
+    for blob in blobs:
+        push_blob(s, repo, blob)
+    body = make_artifact_manifest(
+        payloads, artifact_type=artifact_type,
+        subject=descriptor_of(subject) if subject is not None else None,
+        annotations=annotations, config=config, config_media_type=config_media_type,
+        layer_annotations=layer_annotations,
+    )
+    digest = push_manifest(s, repo, tag or sha256_digest(body), body, OCI_MANIFEST)
+    return PushedArtifact(
+        repo=repo, tag=tag, digest=digest, manifest=body, media_type=OCI_MANIFEST,
+        artifact_type=artifact_type or config_media_type, blobs=blobs,
+        subject=subject.digest if subject is not None else None,
+        annotations=dict(annotations or {}),
+    )
+
+
+def referrers_in_tag(target: Target, repo: str, subject_digest: str, auth: Auth = None
+                     ) -> list[dict] | None:
+    """The descriptors in ``repo``'s referrers tag for ``subject_digest``; None without one."""
+    found = get_manifest(target, repo, referrers_tag(subject_digest), auth)
+    return None if found is None else list(found.json().get("manifests") or [])
+
+
+def add_to_referrers_tag(
+    target: Target, repo: str, subject_digest: str, artifacts: Sequence[PushedArtifact],
+    auth: Auth = None,
+) -> str:
+    """Append ``artifacts`` to the referrers tag of ``subject_digest`` (creating it), as a
+    client does on a registry without the referrers API; the index's digest."""
+    s = session_for(target, auth)
+    entries = referrers_in_tag(s, repo, subject_digest) or []
+    have = {e["digest"] for e in entries}
+    entries += [a.descriptor() for a in artifacts if a.digest not in have]
+    body = _dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})
+    return push_manifest(s, repo, referrers_tag(subject_digest), body, OCI_INDEX)
+
+
+def push_cosign(
+    target: Target, repo: str, subject_digest: str, kind: Literal["sig", "att", "sbom"] = "sig",
+    *, seed: str = "cosign", auth: Auth = None,
+) -> PushedArtifact:
+    """A cosign-style signature (``.sig``), attestation (``.att``) or SBOM (``.sbom``) tag:
+    an image manifest with a plain image config and one layer, no ``subject``, tagged
+    ``sha256-<hex>.<kind>``."""
+    s = session_for(target, auth)
+    layer_type = {"sig": COSIGN_SIGNATURE, "att": DSSE_ENVELOPE, "sbom": SPDX_JSON}[kind]
+    payload = json.dumps({"critical": {"image": {"docker-manifest-digest": subject_digest},
+                                       "type": f"cosign container image {kind}"},
+                          "optional": {"seed": seed}}).encode()
+    config = _dumps({"architecture": "", "os": "", "config": {},
+                     "rootfs": {"type": "layers", "diff_ids": [sha256_digest(payload)]}})
+    annotations = {"dev.cosignproject.cosign/signature": f"MEUCIQ-{seed}"} if kind == "sig" else {}
+    return push_artifact(
+        s, repo, artifact_type=None, payloads=[(payload, layer_type)],
+        tag=f"{referrers_tag(subject_digest)}.{kind}", config=config,
+        config_media_type=OCI_CONFIG, layer_annotations=annotations,
+    )
+
+
+@dataclass
+class PushedBuildx:
+    """A buildx-style multi-platform image: an OCI index with, per platform, the image and
+    its attestation manifest (platform unknown/unknown)."""
+
+    repo: str
+    tag: str | None
+    digest: str
+    manifest: bytes
+    media_type: str
+    children: dict[Platform, PushedImage]
+    attestations: dict[Platform, PushedArtifact]
+
+    @property
+    def child_digests(self) -> list[str]:
+        """Image manifests, then attestation manifests."""
+        return [c.digest for c in self.children.values()] + [
+            a.digest for a in self.attestations.values()]
+
+
+def push_attestation(target: Target, repo: str, image: PushedImage, *, seed: str = "",
+                     auth: Auth = None) -> PushedArtifact:
+    """A buildx attestation manifest for ``image``: an OCI manifest whose config is an image
+    config for unknown/unknown and whose layers are in-toto statements (provenance, SBOM)."""
+    statements = [
+        (json.dumps({"_type": "https://in-toto.io/Statement/v0.1",
+                     "predicateType": predicate, "subject": [{"digest": {
+                         "sha256": image.digest.split(":", 1)[1]}}],
+                     "predicate": {"seed": seed}}).encode(), IN_TOTO)
+        for predicate in ("https://slsa.dev/provenance/v0.2", "https://spdx.dev/Document")
+    ]
+    config = _dumps({"architecture": "unknown", "os": "unknown", "config": {},
+                     "rootfs": {"type": "layers",
+                                "diff_ids": [sha256_digest(d) for d, _ in statements]}})
+    return push_artifact(target, repo, artifact_type=None, payloads=statements, config=config,
+                         config_media_type=OCI_CONFIG, auth=auth)
+
+
+def push_buildx_index(
+    target: Target, repo: str, tag: str | None,
+    platforms: Sequence[Platform] = DEFAULT_PLATFORMS, *, seed: str | None = None,
+    auth: Auth = None,
+) -> PushedBuildx:
+    """Push what ``docker buildx build --platform ... --provenance --sbom --push`` pushes:
+    OCI images, one attestation manifest each, and the index naming them all (attestations
+    with platform unknown/unknown and the ``vnd.docker.reference.*`` annotations)."""
+    s = session_for(target, auth)
+    base = seed if seed is not None else (tag or "untagged")
+    children: dict[Platform, PushedImage] = {}
+    attestations: dict[Platform, PushedArtifact] = {}
+    entries: list[dict[str, Any]] = []
+    for platform in platforms:
+        own = make_layer(1024, seed=f"{base}|{platform_string(platform)}")
+        image = push_image(s, repo, None, media="oci", layers=[own], platform=platform)
+        children[platform] = image
+        entries.append({**descriptor_of(image), "platform": _platform_json(platform)})
+    for platform, image in children.items():
+        attestation = push_attestation(s, repo, image, seed=f"{base}|{platform_string(platform)}")
+        attestations[platform] = attestation
+        entries.append({
+            **descriptor_of(attestation),
+            "annotations": {"vnd.docker.reference.digest": image.digest,
+                            "vnd.docker.reference.type": "attestation-manifest"},
+            "platform": _platform_json(UNKNOWN_PLATFORM),
+        })
+    body = _dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})
+    digest = push_manifest(s, repo, tag or sha256_digest(body), body, OCI_INDEX)
+    return PushedBuildx(repo, tag, digest, body, OCI_INDEX, children, attestations)
+
+
+def push_nested_index(
+    target: Target, repo: str, tag: str | None,
+    children: Sequence[tuple[PushedImage | PushedIndex | PushedBuildx, Platform | None]],
+    auth: Auth = None,
+) -> PushedIndex:
+    """An OCI index over already pushed images *and indexes* (a nested index), each entry
+    with the platform given (None: no platform, as for a nested index)."""
+    entries = []
+    for child, platform in children:
+        entry = descriptor_of(child)
+        if platform is not None:
+            entry["platform"] = _platform_json(platform)
+        entries.append(entry)
+    body = _dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})
+    digest = push_manifest(target, repo, tag or sha256_digest(body), body, OCI_INDEX, auth)
+    return PushedIndex(repo=repo, tag=tag, digest=digest, manifest=body, media_type=OCI_INDEX)

@@ -16,6 +16,10 @@ forwarded to the host they name (the upstream or any other), with responses pass
 unchanged, so the proxy also works as a plain-HTTP forward proxy (``HTTP_PROXY=proxy.url``)
 in front of several registries. Such requests carry that host in
 :attr:`ProxyRecord.absolute_host`. ``CONNECT`` (HTTPS tunnelling) is not supported.
+
+Hand-written because no packaged proxy does this job in-process: Toxiproxy injects faults
+at the TCP level only (it cannot fail the third blob ``PATCH``, rewrite ``Location``/``Link``
+or count requests per path), and mitmproxy is a separate, heavy process scripted by addons.
 """
 
 from __future__ import annotations

@@ -24,8 +24,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -35,8 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import redis
 import requests
 import yaml
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .ports import LOOPBACK, free_port, port_is_open, spawn, stop_process, wait_until
 from .tls import ServerTLS, make_server_tls
@@ -250,12 +251,14 @@ class RegistryProcess:
         extra_config: Mapping[str, Any] | None = None,
         service: str = "test-registry",
         issuer: str = "test-token-issuer",
+        address: str = LOOPBACK,
     ) -> None:
         if auth not in (None, "htpasswd", "token"):
             raise ValueError(f"unknown auth mode {auth!r}")
         if auth and not users:
             raise ValueError(f"auth={auth!r} needs users")
         self.directory = Path(directory)
+        self.address = address  # the IPv4 address to listen on (tests of other links)
         self.auth: AuthMode = auth
         self.tls = tls
         self.users: dict[str, str] = dict(users or {})
@@ -282,8 +285,8 @@ class RegistryProcess:
 
     @property
     def host(self) -> str:
-        """``127.0.0.1:PORT``, as used in image references."""
-        return f"{LOOPBACK}:{self.port}"
+        """``127.0.0.1:PORT`` (or ``ADDRESS:PORT``), as used in image references."""
+        return f"{self.address}:{self.port}"
 
     @property
     def scheme(self) -> str:
@@ -377,7 +380,7 @@ class RegistryProcess:
                     "realm": self.token_server.realm,
                     "service": self.service,
                     "issuer": self.issuer,
-                    "rootcertbundle": str(self.token_server.signing.cert_path),
+                    "rootcertbundle": str(self.token_server.signing.bundle_path),
                 }
             }
         _deep_merge(config, self._extra_config)
@@ -436,7 +439,7 @@ class RegistryProcess:
                 if self.proc.poll() is not None:
                     self.proc = None
                     return False
-                if port_is_open(self.port):
+                if port_is_open(self.port, self.address):
                     with contextlib.suppress(requests.RequestException):
                         resp = probe.get(f"/v2/?{PROBE_MARKER}=ready", timeout=2)
                         if resp.status_code in (200, 401):
@@ -591,8 +594,9 @@ class RedisServer:
 
     def __init__(self, directory: Path, port: int | None = None, *,
                  persistent: bool = False, password: str | None = None,
-                 tls: bool = False) -> None:
+                 tls: bool = False, address: str = LOOPBACK) -> None:
         self.directory = Path(directory)
+        self.address = address  # the IPv4 address to listen on (tests of other links)
         self.port = port or free_port()
         self.persistent = persistent
         self.password = password
@@ -603,8 +607,8 @@ class RedisServer:
 
     @property
     def host(self) -> str:
-        """``127.0.0.1:PORT``."""
-        return f"{LOOPBACK}:{self.port}"
+        """``127.0.0.1:PORT`` (or ``ADDRESS:PORT``)."""
+        return f"{self.address}:{self.port}"
 
     @property
     def ca_file(self) -> Path | None:
@@ -634,31 +638,21 @@ class RedisServer:
         return self.proc is not None and self.proc.poll() is None
 
     def ping(self) -> bool:
-        """Return True if the server answers ``PING`` with ``+PONG`` (after ``AUTH`` when it
-        has a password, over TLS when it serves TLS)."""
-        request = b""
-        if self.password:
-            request += _resp_command("AUTH", self.password)
-        request += _resp_command("PING")
+        """True if the server answers ``PING`` (redis-py: after ``AUTH`` when it has a
+        password, over TLS verified against :attr:`ca_file` when it serves TLS)."""
+        tls: dict[str, Any] = {}
+        if self.tls:
+            assert self.server_tls is not None
+            tls = {"ssl": True, "ssl_ca_certs": str(self.server_tls.ca_cert)}
+        client = redis.Redis(host=self.address, port=self.port, password=self.password,
+                             socket_timeout=1, socket_connect_timeout=1,
+                             retry=Retry(NoBackoff(), 0), **tls)
         try:
-            with contextlib.ExitStack() as stack:
-                sock: socket.socket = stack.enter_context(
-                    socket.create_connection((LOOPBACK, self.port), timeout=1))
-                if self.tls:
-                    assert self.server_tls is not None
-                    context = ssl.create_default_context(cafile=str(self.server_tls.ca_cert))
-                    sock = stack.enter_context(
-                        context.wrap_socket(sock, server_hostname=LOOPBACK))
-                sock.sendall(request)
-                answer = b""
-                while answer.count(b"\r\n") < (2 if self.password else 1):
-                    data = sock.recv(256)
-                    if not data:
-                        break
-                    answer += data
-                return answer.splitlines()[-1:] == [b"+PONG"]
-        except OSError:
+            return bool(client.ping())
+        except redis.RedisError:  # refused, still loading, wrong password, TLS refused
             return False
+        finally:
+            client.close()
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         """Start the server (no-op if running) and wait until it answers PING."""
@@ -667,7 +661,8 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.tls and self.server_tls is None:  # kept across restarts: clients trust one CA
             self.server_tls = make_server_tls(self.directory / "tls")
-        wait_until(lambda: not port_is_open(self.port), timeout, f"port {self.port} to be free")
+        wait_until(lambda: not port_is_open(self.port, self.address), timeout,
+                   f"port {self.port} to be free")
         if self.tls:
             assert self.server_tls is not None
             listen = [
@@ -692,7 +687,7 @@ class RedisServer:
             require_binary(REDIS_BINARY),
             *conf,
             *listen,
-            "--bind", LOOPBACK,
+            "--bind", self.address,
             "--save", "",
             "--appendonly", "yes" if self.persistent else "no",
             *(["--appendfsync", "always"] if self.persistent else []),
@@ -732,15 +727,6 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _resp_command(*parts: str) -> bytes:
-    """One command in the Redis protocol (RESP array of bulk strings)."""
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        data = part.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
 
 
 def _redis_quote(value: str) -> str:

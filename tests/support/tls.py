@@ -1,22 +1,24 @@
-"""Throw-away X.509 material for the test registries and the token server.
+"""Throw-away X.509 material for the test registries, Redis and the token server.
 
-Everything is generated with ``cryptography`` into a caller-supplied directory; nothing
-is cached between tests and no key ever leaves the temporary directory.
+Certificate authorities and certificates come from ``trustme`` (a CA per call, certificates
+with the SAN, key-usage, SKI/AKI extensions that strict OpenSSL 3 verification wants); this
+module only writes them where the servers read them and adds what ``trustme`` has no notion
+of: the token server's JWS material (the ``x5c`` header and distribution's
+``auth.token.rootcertbundle``) and docker/libtrust key ids. Nothing is cached between tests
+and no key leaves the caller's directory.
 """
 
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import hashlib
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+import trustme
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 @dataclass(frozen=True)
@@ -35,12 +37,21 @@ class ServerTLS:
 
 @dataclass(frozen=True)
 class SigningMaterial:
-    """RS256 signing key and its self-signed certificate, as used by the token server."""
+    """An RSA signing key and its certificate (issued by a throw-away CA), as used by the
+    token server to sign RS256 JWTs and by the message-signing tests as a Celery signer.
+
+    ``cert_path`` holds the signing certificate alone (what Celery's ``security_certificate``
+    and cert store read); ``bundle_path`` holds it and its CA, for distribution's
+    ``auth.token.rootcertbundle``: the CA verifies a token's ``x5c`` chain, and the signing
+    certificate itself must be there too because distribution 2.8 looks a ``kid`` header up
+    among the keys of the bundle's certificates (registry/auth/token/accesscontroller.go).
+    """
 
     key: rsa.RSAPrivateKey
     cert: x509.Certificate
     cert_path: Path
     key_path: Path
+    bundle_path: Path
 
     @property
     def x5c(self) -> list[str]:
@@ -53,33 +64,9 @@ class SigningMaterial:
         return libtrust_key_id(self.key.public_key())
 
 
-def _validity() -> tuple[dt.datetime, dt.datetime]:
-    now = dt.datetime.now(dt.UTC)
-    return now - dt.timedelta(hours=1), now + dt.timedelta(days=2)
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "image-syncer tests"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
-
-
-def _write_key(path: Path, key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
+def _write_key(path: Path, blob: trustme.Blob) -> None:
+    blob.write_to_path(str(path))
     path.chmod(0o600)
-
-
-def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
 def make_server_tls(
@@ -87,11 +74,7 @@ def make_server_tls(
     hostnames: tuple[str, ...] = ("localhost",),
     ips: tuple[str, ...] = ("127.0.0.1",),
 ) -> ServerTLS:
-    """Create a self-signed CA and a server certificate for ``127.0.0.1`` / ``localhost``.
-
-    The server certificate carries SAN entries for every name in ``hostnames`` (DNS) and
-    ``ips`` (IP), the ``serverAuth`` EKU, and SKI/AKI extensions so that strict OpenSSL 3
-    verification (Python 3.13's ``VERIFY_X509_STRICT``) accepts it.
+    """A fresh CA and a server certificate for ``hostnames`` (DNS) and ``ips`` (IP SANs).
 
     Returns:
         The paths ``ca/ca.crt``, ``server.crt`` and ``server.key`` inside ``directory``.
@@ -100,140 +83,58 @@ def make_server_tls(
         otherwise mistake ``server.key`` for a client key.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    not_before, not_after = _validity()
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = _name("image-syncer test CA")
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ca_ski, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    san: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
-    san += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(hostnames[0] if hostnames else ips[0]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
     (directory / "ca").mkdir(exist_ok=True)
+    ca = trustme.CA(organization_name="image-syncer tests")
+    leaf = ca.issue_cert(*hostnames, *ips, common_name=(hostnames or ips)[0],
+                         organization_name="image-syncer tests")
     paths = ServerTLS(
         ca_cert=directory / "ca" / "ca.crt",
         server_cert=directory / "server.crt",
         server_key=directory / "server.key",
     )
-    _write_cert(paths.ca_cert, ca_cert)
-    _write_cert(paths.server_cert, server_cert)
-    _write_key(paths.server_key, server_key)
+    ca.cert_pem.write_to_path(str(paths.ca_cert))
+    paths.server_cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    _write_key(paths.server_key, leaf.private_key_pem)
     return paths
 
 
 def make_token_signing_material(
     directory: Path, common_name: str = "image-syncer test token signer"
 ) -> SigningMaterial:
-    """Create an RSA-2048 key and a self-signed certificate for signing RS256 tokens.
+    """An RSA-2048 signing key and certificate from a fresh RSA CA (RS256 needs RSA).
 
-    The certificate (``token-signer.crt``) is what distribution's
-    ``auth.token.rootcertbundle`` must point at; the token server puts the same
-    certificate into each JWT's ``x5c`` header.
+    Writes ``token-signer.crt`` (the certificate), ``token-signer.key`` and
+    ``token-signer-bundle.crt`` (certificate + CA: see :class:`SigningMaterial`).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    not_before, not_after = _validity()
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = _name(common_name)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    # Named after the signer: Celery names a signer by its certificate's issuer and serial.
+    ca = trustme.CA(organization_name="image-syncer tests",
+                    organization_unit_name=f"{common_name} CA", key_type=trustme.KeyType.RSA)
+    # A SAN nothing checks: without identities trustme writes an empty SAN extension marked
+    # critical, which Go's crypto/x509 leaves unhandled, so distribution would refuse the
+    # x5c chain ("unhandled critical extension").
+    leaf = ca.issue_cert("signer.image-syncer.test", common_name=common_name,
+                         organization_name="image-syncer tests", key_type=trustme.KeyType.RSA)
     cert_path = directory / "token-signer.crt"
     key_path = directory / "token-signer.key"
-    _write_cert(cert_path, cert)
-    _write_key(key_path, key)
-    return SigningMaterial(key=key, cert=cert, cert_path=cert_path, key_path=key_path)
+    bundle_path = directory / "token-signer-bundle.crt"
+    leaf.cert_chain_pems[0].write_to_path(str(cert_path))
+    _write_key(key_path, leaf.private_key_pem)
+    bundle_path.write_bytes(leaf.cert_chain_pems[0].bytes() + ca.cert_pem.bytes())
+    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
+    return SigningMaterial(key=key, cert=cert, cert_path=cert_path, key_path=key_path,
+                           bundle_path=bundle_path)
 
 
 def libtrust_key_id(public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> str:
     """Compute docker/libtrust's key id for ``public_key``.
 
-    It is the SHA-256 of the DER SubjectPublicKeyInfo, truncated to 240 bits, base32
-    encoded and split into 12 colon-separated groups of four characters. distribution
-    2.8 uses it to look up a token's ``kid`` header among the ``rootcertbundle`` keys.
+    Hand-written because no package computes it (libtrust is Go): the SHA-256 of the DER
+    SubjectPublicKeyInfo, truncated to 240 bits, base32 encoded and split into 12
+    colon-separated groups of four characters. distribution 2.8 uses it to look up a
+    token's ``kid`` header among the ``rootcertbundle`` keys.
     """
     der = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -8,8 +8,13 @@ skopeo and the project's own client:
 * ``POST /token`` with an OAuth2 form (``grant_type=password`` or ``refresh_token``).
 
 Tokens are RS256 JWTs signed with PyJWT whose header carries ``x5c`` (the base64 DER of
-the self-signed signing certificate, which distribution verifies against its
-``rootcertbundle``) or, with ``header_mode="kid"``, a libtrust ``kid``.
+the signing certificate, issued by a throw-away CA that distribution trusts through its
+``rootcertbundle``: :func:`tests.support.tls.make_token_signing_material`) or, with
+``header_mode="kid"``, a libtrust ``kid``.
+
+Hand-written because no packaged token server runs inside a test: the real ones (Harbor's
+core, cesanta/docker_auth) are separate Go services, and the tests need per-test ACLs,
+injected failures and a count of every token request, which they do not offer.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import pytest
 
 from syncer.plan.config import load_auth_file, load_config, parse_rule
 from syncer.plan.rules import ALL_TAGS, Destination, Rule, TagSelector
+from syncer.plan.tagfilters import NO_FILTERS, TagFilters
 from syncer.registry.credentials import AuthEntry, Credentials
 from syncer.registry.errors import ConfigError
 from syncer.registry.reference import Repository
@@ -520,3 +521,118 @@ def test_parse_rule_error_names_key_path():
         'images["quay.io/a/b:v1,v2"][1]: retag needs one destination tag per source tag: '
         "2 source tags, 1 destination tags"
     ]
+
+
+# -- long form: tag filters ----------------------------------------------------------------------
+
+
+def test_long_form_parses_filters(tmp_path):
+    images = write(
+        tmp_path,
+        "images.yaml",
+        (
+            "quay.io/a/b:\n"
+            "  to: quay.io/x/b\n"
+            "  exclude: '-rc\\d*$'\n"
+            "  semver: '>=1.2 <2'\n"
+            "  latest: 5\n"
+            "quay.io/a/c:/^v/:\n"
+            "  to: [quay.io/x/c, '']\n"
+            "  exclude: ['^v0', 'beta']\n"
+            "  latest: 2\n"
+            "  sort: created\n"
+            "harbor:8443/proj/*: {to: acr.example.com/mirror, semver: ^3}\n"
+            "quay.io/a/d: {to: null}\n"
+            "quay.io/a/e: quay.io/x/e\n"
+        ),
+    )
+    rules = {rule.key: rule for rule in load_config(images=images, environ={}).rules}
+    assert rules["quay.io/a/b"].filters == TagFilters(("-rc\\d*$",), ">=1.2 <2", 5, "semver")
+    assert rules["quay.io/a/b"].destinations == (Destination(QUAY_X),)
+    assert rules["quay.io/a/c:/^v/"].selector == TagSelector("regex", pattern="^v")
+    assert rules["quay.io/a/c:/^v/"].filters == TagFilters(("^v0", "beta"), "", 2, "created")
+    assert rules["quay.io/a/c:/^v/"].destinations[1] == Destination()
+    assert rules["harbor:8443/proj/*"].wildcard
+    assert rules["harbor:8443/proj/*"].filters == TagFilters(semver="^3")
+    assert rules["quay.io/a/d"].destinations == (Destination(),)
+    assert rules["quay.io/a/d"].filters == NO_FILTERS
+    assert rules["quay.io/a/e"].filters == NO_FILTERS
+
+
+def test_long_form_json_and_env_in_to(tmp_path):
+    images = write(
+        tmp_path,
+        "images.json",
+        json.dumps({"quay.io/a/b": {"to": "${MIRROR}/x/b", "latest": 3, "sort": "semver"}}),
+    )
+    (rule,) = load_config(images=images, environ={"MIRROR": "reg.io"}).rules
+    assert rule.destinations == (Destination(Repository("reg.io", "x/b")),)
+    assert rule.filters.latest == 3
+
+
+LF = 'images["quay.io/a/b"]'
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("quay.io/a/b: {to: quay.io/x/b, semver: '>>1'}\n",
+         f"{LF}.semver: invalid semver range '>>1': expected npm syntax"),
+        ("quay.io/a/b: {to: quay.io/x/b, semver: '>=1.2,<2'}\n",
+         f"{LF}.semver: invalid semver range '>=1.2,<2'"),
+        ("quay.io/a/b: {to: quay.io/x/b, semver: ''}\n", f"{LF}.semver: empty semver range"),
+        ("quay.io/a/b: {to: quay.io/x/b, semver: 2}\n",
+         f"{LF}.semver: must be a string, got a int (quote it in YAML"),
+        ("quay.io/a/b: {to: quay.io/x/b, exclude: '['}\n",
+         f"{LF}.exclude: invalid regex '[': unterminated character set"),
+        ("quay.io/a/b: {to: quay.io/x/b, exclude: [ok, '(']}\n",
+         f"{LF}.exclude[1]: invalid regex '('"),
+        ("quay.io/a/b: {to: quay.io/x/b, exclude: []}\n",
+         f"{LF}.exclude: expected a regex or a non-empty list of regexes"),
+        ("quay.io/a/b: {to: quay.io/x/b, exclude: [3]}\n", f"{LF}.exclude[0]: Not a valid string."),
+        ("quay.io/a/b: {to: quay.io/x/b, latest: 0}\n", f"{LF}.latest: must be at least 1"),
+        ("quay.io/a/b: {to: quay.io/x/b, latest: -2}\n", f"{LF}.latest: must be at least 1"),
+        ("quay.io/a/b: {to: quay.io/x/b, latest: '5'}\n",
+         f"{LF}.latest: expected a whole number of tags, got a string"),
+        ("quay.io/a/b: {to: quay.io/x/b, latest: true}\n",
+         f"{LF}.latest: expected a whole number of tags, got a bool"),
+        ("quay.io/a/b: {to: quay.io/x/b, latest: 2.5}\n",
+         f"{LF}.latest: expected a whole number of tags, got a float"),
+        ("quay.io/a/b: {to: quay.io/x/b, latest: 2, sort: date}\n",
+         f"{LF}.sort: must be one of: semver, created"),
+        ("quay.io/a/b: {to: quay.io/x/b, sort: created}\n",
+         f"{LF}.sort: sort orders the tags for latest: give latest N as well"),
+        ("quay.io/a/b: {to: quay.io/x/b, lastest: 2}\n",
+         f"{LF}.lastest: Unknown field (allowed: to, exclude, semver, latest, sort"),
+        ("quay.io/a/b: {latest: 2}\n", f'{LF}: missing "to": the destination(s) of the rule'),
+        ("quay.io/a/b: {to: 5, latest: 2}\n", f"{LF}.to: Not a valid destination"),
+        ("quay.io/a/b: {to: [quay.io/x/b, 7], latest: 2}\n", f"{LF}.to[1]: Not a valid string."),
+        ("quay.io/a/b: {to: [quay.io/x/b, quay.io/X/b], latest: 2}\n",
+         f"{LF}.to[1]: invalid destination"),
+        ("quay.io/a/b: {to: quay.io/x/b:n1, latest: 2}\n",
+         f"{LF}.to: destination names tags but the source selects all tags"),
+        ("quay.io/a/b: {to: '${NOPE}/b', latest: 2}\n",
+         f'{LF}.to: undefined environment variable "NOPE"'),
+        ("quay.io/a/b:v1,v2: {to: quay.io/x/b, latest: 1}\n",
+         'images["quay.io/a/b:v1,v2"]: the key names its tags: tag filters (latest 1 by semver) '
+         "need a key that lists tags"),
+        (f"quay.io/a/b@{DIGEST}: {{to: quay.io/x/b, exclude: x}}\n",
+         f'images["quay.io/a/b@{DIGEST}"]: the key names a digest: tag filters'),
+    ],
+)
+def test_long_form_mistakes(tmp_path, text, expected):
+    path = write(tmp_path, "images.yaml", text)
+    problems = problems_of(images=path)
+    assert any(line.startswith(f"{path}: ") and expected in line for line in problems), problems
+
+
+def test_long_form_mistakes_all_reported_at_once(tmp_path):
+    path = write(
+        tmp_path,
+        "images.yaml",
+        "quay.io/a/b: {to: [quay.io/x/b, quay.io/X/b], semver: '>>1', latest: 0, sort: x}\n",
+    )
+    problems = problems_of(images=path)
+    assert [line.split(": ", 2)[1] for line in problems] == [
+        f"{LF}.semver", f"{LF}.latest", f"{LF}.sort", f"{LF}.to[1]"
+    ], problems

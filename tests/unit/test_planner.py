@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -23,6 +25,7 @@ class FakeLister:
     def __init__(self, tags=None, catalogs=None, barrier: threading.Barrier | None = None):
         self.tags = tags or {}
         self.catalogs = catalogs or {}
+        self.created: dict[str, datetime | Exception | None] = {}
         self.barrier = barrier
         self.calls: list[str] = []
         self.threads: set[str] = set()
@@ -48,6 +51,13 @@ class FakeLister:
         if isinstance(found, Exception):
             raise found
         return list(found)
+
+    def image_created(self, repo: Repository, tag: str) -> datetime | None:
+        self._record(f"created {repo}:{tag}")
+        found = self.created[f"{repo}:{tag}"]
+        if isinstance(found, Exception):
+            raise found
+        return found
 
 
 def rules(mapping: dict) -> list:
@@ -340,3 +350,89 @@ def test_failed_plan_entries_parse_back_as_rules():
     assert len(result.failures) == 2
     for failure in result.failures:
         parse_rule(failure.source, failure.destination, environ={})
+
+
+# -- tag filters (a rule's long form) ---------------------------------------------------------
+
+VERSIONS = ["latest", "0.9.0", "1.0.0", "1.1.0-rc.1", "1.1.0", "1.2.0", "v1.3.0", "2.0.0", "edge"]
+
+
+def test_filters_narrow_the_listing_and_log_a_summary(caplog):
+    lister = FakeLister(tags={"quay.io/a/b": VERSIONS})
+    rule = {"quay.io/a/b": {"to": "quay.io/x/b", "exclude": "-rc", "semver": ">=1 <2",
+                            "latest": 2}}
+    with caplog.at_level(logging.INFO, logger="syncer.plan.planner"):
+        result = plan(rules(rule), lister)
+    assert pairs(result) == [
+        ("quay.io/a/b:1.2.0", "quay.io/x/b:1.2.0"),
+        ("quay.io/a/b:v1.3.0", "quay.io/x/b:v1.3.0"),
+    ]
+    assert result.failures == []
+    assert not any(call.startswith("created") for call in lister.calls)  # semver sort: no reads
+    assert (
+        'quay.io/a/b (exclude /-rc/, semver ">=1 <2", latest 2 by semver): 2 of 9 tags selected '
+        "(1 excluded, 2 skipped as not versions, 2 outside the range, 2 beyond latest)"
+    ) in caplog.text
+
+
+def test_filters_after_key_regex():
+    lister = FakeLister(tags={"quay.io/a/b": ["v1.0", "v1.1", "v2.0", "x1.5"]})
+    result = plan(rules({"quay.io/a/b:/^v/": {"to": "quay.io/x/b", "latest": 1}}), lister)
+    assert pairs(result) == [("quay.io/a/b:v2.0", "quay.io/x/b:v2.0")]
+
+
+def test_filters_apply_to_each_repository_of_a_wildcard():
+    lister = FakeLister(
+        catalogs={"harbor:8443/proj": ["proj/app", "proj/api"]},
+        tags={"harbor:8443/proj/app": ["1.0", "1.1", "dev"], "harbor:8443/proj/api": ["3.0"]},
+    )
+    result = plan(rules({"harbor:8443/proj/*": {"to": "acr.io/m", "exclude": "^dev$",
+                                                "latest": 1}}), lister)
+    assert pairs(result) == [
+        ("harbor:8443/proj/app:1.1", "acr.io/m/app:1.1"),
+        ("harbor:8443/proj/api:3.0", "acr.io/m/api:3.0"),
+    ]
+
+
+def test_latest_by_created_reads_only_the_candidates():
+    base = datetime(2024, 1, 1, tzinfo=UTC)
+    lister = FakeLister(tags={"quay.io/a/b": ["a", "b-rc", "c", "d", "e", "f"]})
+    lister.created = {
+        "quay.io/a/b:a": base + timedelta(days=1),
+        "quay.io/a/b:c": base + timedelta(days=5),
+        "quay.io/a/b:d": None,  # no created time: ranked oldest
+        "quay.io/a/b:e": NotFoundError("MANIFEST_UNKNOWN"),  # deleted since listed: dropped
+        "quay.io/a/b:f": base + timedelta(days=3),
+    }
+    rule = {"quay.io/a/b": {"to": "quay.io/x/b", "exclude": "-rc$", "latest": 2,
+                            "sort": "created"}}
+    result = plan(rules(rule), lister)
+    assert pairs(result) == [("quay.io/a/b:c", "quay.io/x/b:c"), ("quay.io/a/b:f", "quay.io/x/b:f")]
+    reads = sorted(call for call in lister.calls if call.startswith("created"))
+    assert reads == [f"created quay.io/a/b:{t}" for t in "acdef"]  # not the excluded b-rc
+
+
+def test_created_read_failure_fails_that_rule_only():
+    lister = FakeLister(tags={"quay.io/a/b": ["a", "b"], "quay.io/a/c": ["v1"]})
+    lister.created = {"quay.io/a/b:a": None, "quay.io/a/b:b": RuntimeError("boom")}
+    result = plan(
+        rules({"quay.io/a/b": {"to": "quay.io/x/b", "latest": 1, "sort": "created"},
+               "quay.io/a/c": "quay.io/x/c"}),
+        lister,
+    )
+    assert pairs(result) == [("quay.io/a/c:v1", "quay.io/x/c:v1")]
+    assert result.failures == [
+        PlanFailure(
+            "quay.io/a/b", "quay.io/x/b",
+            "read the created time of quay.io/a/b:b: boom "
+            "(the rule's tag filters: latest 1 by created)",
+        )
+    ]
+
+
+def test_filtered_rule_failures_parse_back_and_name_the_filters():
+    lister = FakeLister(tags={"quay.io/a/b": NotFoundError("x")})
+    result = plan(rules({"quay.io/a/b:/^v/": {"to": "quay.io/x/b", "semver": "^1"}}), lister)
+    (failure,) = result.failures
+    assert failure.reason == 'x (the rule\'s tag filters: semver "^1")'
+    parse_rule(failure.source, failure.destination, environ={})

@@ -1,0 +1,250 @@
+"""The measuring kit of ``make bench`` (:mod:`scripts.bench`): run a tool, count what it cost.
+
+A :class:`Run` is one tool invocation (or several in a row, e.g. one ``skopeo sync`` per
+repository) measured from outside: wall time, the tool's own CPU (user + system, from GNU
+time, children included), its peak RSS, the requests each registry received (counted at a
+proxy, or from the registry's access log when no proxy is in the path) and the CPU the two
+registries spent meanwhile. Workloads are seeded here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from tests.support import images
+from tests.support.proxy import CountingProxy
+from tests.support.registry import RegistryProcess
+
+GNU_TIME = "/usr/bin/time"  # Debian package "time"
+_DROP_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+             "all_proxy", "no_proxy", "SYNCER_", "DEFAULT_REGISTRY", "DEFAULT_NAMESPACE")
+
+
+def tool_env(directory: Path) -> dict[str, str]:
+    """The environment of a measured tool: no proxy or syncer settings from the caller, and
+    an empty docker config (only the bench's registries, anonymous)."""
+    docker_config = directory / "docker-config"
+    docker_config.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP_ENV)}
+    env.update({"DOCKER_CONFIG": str(docker_config), "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def syncer_bin() -> list[str]:
+    """The syncer CLI of this environment."""
+    return [sys.executable, "-m", "workers.cli"]
+
+
+@dataclass
+class Measure:
+    """One process: wall seconds, own CPU seconds (user + system), peak RSS, exit code."""
+
+    seconds: float
+    cpu: float
+    peak_rss_mb: float
+    exit_code: int
+
+
+def measure(command: list[str], env: dict | None = None, timeout: float | None = None) -> Measure:
+    """Run ``command``; wall time, CPU and peak RSS.
+
+    CPU and RSS come from GNU time (``%U %S %M``): a child forked straight from this Python
+    process would report this process's RSS at fork time as its own peak (Linux folds the
+    pre-exec high-water mark into ``ru_maxrss``), hiding anything smaller. After ``timeout``
+    seconds the whole process group is killed and the exit code is -9.
+    """
+    with tempfile.NamedTemporaryFile("r") as report:
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [GNU_TIME, "-f", "%U %S %M", "-o", report.name, *command],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # a timeout kills the tool too, not only GNU time
+        )
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+            returncode = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, stderr = proc.communicate()
+            returncode = -9
+            stderr += f"\ntimed out after {timeout:.0f} s".encode()
+        elapsed = time.monotonic() - started
+        figures = [line.split() for line in report.read().splitlines()]
+    figures = [f for f in figures if len(f) == 3 and f[2].isdigit()]
+    if returncode:
+        tail = stderr.decode(errors="replace")[-2000:]
+        print(f"  ! {command[0]} exited {returncode}: {tail}", file=sys.stderr)
+    user, system, peak_kib = figures[-1] if figures else ("0", "0", "0")
+    return Measure(elapsed, float(user) + float(system), int(peak_kib) / 1024, returncode)
+
+
+class RequestCounter:
+    """Requests one registry served since :meth:`mark`: at its proxy when there is one,
+    else from its access log (every request, one line)."""
+
+    def __init__(self, registry: RegistryProcess, proxy: CountingProxy | None = None):
+        self.registry = registry
+        self.proxy = proxy
+        self._since = 0
+
+    def mark(self) -> None:
+        """Start counting from now."""
+        if self.proxy is not None:
+            self.proxy.reset()
+        else:
+            self._since = self.registry.log_mark()
+
+    def count(self) -> int:
+        """Requests since :meth:`mark`."""
+        if self.proxy is not None:
+            return len(self.proxy.records)
+        return len(self.registry.access_log()[self._since:])
+
+
+def registry_cpu(registry: RegistryProcess) -> float:
+    """CPU seconds (user + system) the registry process has used so far."""
+    if registry.proc is None:
+        return 0.0
+    times = psutil.Process(registry.proc.pid).cpu_times()
+    return times.user + times.system
+
+
+@dataclass
+class Run:
+    """One measured sync: the tool's figures plus what each side served and spent."""
+
+    profile: str
+    workload: str
+    tool: str
+    images: int
+    result: Measure
+    src_requests: int = 0
+    dst_requests: int = 0
+    registries_cpu: float = 0.0
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def requests(self) -> int:
+        """Requests both registries served."""
+        return self.src_requests + self.dst_requests
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        """The tool's own CPU per request served (ms)."""
+        return 1000 * self.result.cpu / self.requests if self.requests else 0.0
+
+
+def measured(
+    profile: str,
+    workload: str,
+    tool: str,
+    images_count: int,
+    commands: Sequence[list[str]],
+    sides: tuple[RequestCounter, RequestCounter],
+    *,
+    env: dict | None = None,
+    timeout: float | None = None,
+) -> Run:
+    """Run ``commands`` one after the other as one :class:`Run` (times and CPU summed, peak
+    RSS the largest), counting the requests of both sides and the registries' CPU."""
+    src, dst = sides
+    src.mark()
+    dst.mark()
+    registries = (src.registry, dst.registry)
+    cpu_before = sum(registry_cpu(r) for r in registries)
+    parts = [measure(command, env=env, timeout=timeout) for command in commands]
+    cpu_after = sum(registry_cpu(r) for r in registries)
+    total = Measure(
+        sum(p.seconds for p in parts),
+        sum(p.cpu for p in parts),
+        max(p.peak_rss_mb for p in parts),
+        next((p.exit_code for p in parts if p.exit_code), 0),
+    )
+    return Run(profile, workload, tool, images_count, total, src.count(), dst.count(),
+               cpu_after - cpu_before)
+
+
+# -- workloads -------------------------------------------------------------------------------
+
+
+def seed_small(src: RegistryProcess, repos: Sequence[str], tags: int) -> None:
+    """``tags`` small images in each of ``repos``: two base layers shared by all (512 + 128
+    KiB) and one 16 KiB layer of their own, like application images on a common base."""
+    base = images.make_layer(512 * 1024, seed="small-base", compress=False)
+    runtime = images.make_layer(128 * 1024, seed="small-runtime", compress=False)
+    for repo in repos:
+        for i in range(tags):
+            own = images.make_layer(16 * 1024, seed=f"{repo}-{i}", compress=False)
+            images.push_image(src, repo, f"t{i}", layers=[base, runtime, own])
+
+
+def seed_layers(src: RegistryProcess, repo: str, count: int) -> None:
+    """``count`` layer-heavy images in ``repo`` (tags t0…): 3 layers, 7 MB, one shared."""
+    base = images.make_layer(4 * 1024 * 1024, seed="bench-base", compress=False)
+    for i in range(count):
+        layers = [
+            base,
+            images.make_layer(2 * 1024 * 1024, seed=f"a{i}", compress=False),
+            images.make_layer(1024 * 1024, seed=f"b{i}", compress=False),
+        ]
+        images.push_image(src, repo, f"t{i}", layers=layers)
+
+
+def landed(src: RegistryProcess, dst: RegistryProcess, pairs: Sequence[tuple[str, str]],
+           tags: Sequence[str], *, exact: bool) -> int:
+    """How many of ``tags`` of each (source repo, destination repo) pair are at the
+    destination with every blob they reference, asked straight at the registries (not
+    through any proxy); ``exact``: digest-identical too.
+
+    skopeo is judged without ``exact``: it gzips the bench images' layers (plain tars under a
+    gzip media type) and so rewrites their manifests; its copies never match by digest.
+    """
+    count = 0
+    for src_repo, dst_repo in pairs:
+        for tag in tags:
+            want = images.manifest_digest(src, src_repo, tag)
+            got = images.manifest_digest(dst, dst_repo, tag)
+            if want is None or got is None or (exact and got != want):
+                continue
+            if not images.walk_image(dst, dst_repo, tag).missing:
+                count += 1
+    return count
+
+
+def poll_peak(pids: Callable[[], Sequence[psutil.Process]], until: Callable[[], bool]) -> float:
+    """Poll the summed RSS of ``pids()`` until ``until()``; the peak in MB."""
+    peak = 0.0
+    while not until():
+        rss = 0
+        for proc in pids():
+            with contextlib.suppress(psutil.Error):
+                rss += proc.memory_info().rss
+        peak = max(peak, rss / 1024 / 1024)
+        time.sleep(0.05)
+    return peak
+
+
+def group_cpu(processes: Sequence[psutil.Process]) -> float:
+    """CPU seconds (user + system, reaped children included) of ``processes``."""
+    total = 0.0
+    for proc in processes:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total

@@ -203,7 +203,7 @@ def prepare(rules: RuleOptions, *, log_file: str | None = None,
     except ConfigError as exc:
         fail_usage(exc.problems)
     store = CredentialStore(loaded.auth_entries)
-    configure_logging(log_file=log_file, secrets=store.secrets, quiet_stderr=quiet_stderr,
+    configure_logging(log_file=log_file, secrets=lambda: store.secrets, quiet_stderr=quiet_stderr,
                       log_format=log_format)
     registries = Registries(store)
     plan = plan_rules(loaded.rules, RegistryLister(registries), default_registry=rules.registry,
@@ -257,7 +257,7 @@ def copy(source, destination, auth_file, config_file, retries, force, os_, arch,
     except (ConfigError, SyncerError) as exc:
         fail_usage(getattr(exc, "problems", [str(exc)]))
     store = CredentialStore(entries)
-    configure_logging(log_file=None, secrets=store.secrets, log_format=log_format)
+    configure_logging(log_file=None, secrets=lambda: store.secrets, log_format=log_format)
     registries = Registries(store)
     copier = ImageCopier(registries)
     platforms = PlatformFilter(os=tuple(os_), arch=tuple(arch))

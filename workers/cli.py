@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -310,7 +311,7 @@ def worker(concurrency, pool, auth_file, config_file, hostname, loglevel, allowe
         allowlist = worker_allowlist()
     except ConfigError as exc:
         fail_usage(exc.problems)
-    configure_logging(log_file=None, secrets=store.secrets, log_format=log_format)
+    configure_logging(log_file=None, secrets=lambda: store.secrets, log_format=log_format)
     # Prefork children copy: their counts meet in prometheus_client's multiprocess files.
     start_metrics(metrics_listen, multiprocess=pool == "prefork")
     announce(allowlist)
@@ -328,12 +329,12 @@ def worker(concurrency, pool, auth_file, config_file, hostname, loglevel, allowe
         "--without-mingle",
     ]
     if log_format == "json":
-        json_worker_logs(store.secrets, loglevel)
+        json_worker_logs(lambda: store.secrets, loglevel)
         argv.insert(0, "--quiet")  # no ASCII-art banner among the JSON lines
     app.worker_main(argv)
 
 
-def json_worker_logs(secrets_: tuple[str, ...], loglevel: str) -> None:
+def json_worker_logs(secrets_: Callable[[], tuple[str, ...]], loglevel: str) -> None:
     """Celery's own log lines (and every other library's, and Python warnings) as JSON too:
     set up now, for what is said before Celery configures logging (its warning about
     running as root), and a ``setup_logging`` receiver replaces Celery's set-up with ours."""

@@ -24,9 +24,25 @@ from workers.redis_ledger import RedisLedger
 from workers.redis_limiter import RedisLimitBackend
 from workers.settings import redis_url
 
+_store: CredentialStore | None = None
+_store_lock = threading.Lock()
+
 
 def load_worker_store() -> CredentialStore:
-    """Credentials of this worker host (raises ConfigError on a bad file)."""
+    """Credentials of this worker host (raises ConfigError on a bad file).
+
+    One store per process, shared by the ``worker`` command (whose log scrubber asks it for
+    secrets) and the tasks: secrets a credential helper answers while a task runs are then
+    scrubbed from the logs too. A forked prefork child keeps using its copy.
+    """
+    global _store
+    with _store_lock:
+        if _store is None:
+            _store = _read_worker_store()
+        return _store
+
+
+def _read_worker_store() -> CredentialStore:
     config_file = os.environ.get("SYNCER_CONFIG_FILE")
     auth_file = os.environ.get("SYNCER_AUTH_FILE")
     if config_file:

@@ -117,6 +117,15 @@ class ReferrerFollower:
         self._lock = threading.Lock()
         self._no_api: dict[str, float] = {}
         self._listings: dict[tuple[str, str], tuple[float, dict[str, set[str]]]] = {}
+        # Single flight: the first images of a run (8 threads at once) would otherwise all
+        # probe the API of the same registry and all list the same repository's tags.
+        self._probed: set[str] = set()
+        self._flights: dict[object, threading.Lock] = {}
+
+    def _flight(self, key: object) -> threading.Lock:
+        """The lock that lets one thread at a time do the work behind ``key``."""
+        with self._lock:
+            return self._flights.setdefault(key, threading.Lock())
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -224,6 +233,20 @@ class ReferrerFollower:
         """The referrers API's list, or None when the registry has no API (remembered)."""
         if self._known_without_api(client.registry):
             return None
+        with self._lock:
+            probed = client.registry in self._probed
+        if probed:
+            return self._fetch_api_list(client, repository, subject)
+        with self._flight(("api", client.registry)):  # the first answer decides for all
+            if self._known_without_api(client.registry):
+                return None
+            listed = self._fetch_api_list(client, repository, subject)
+            with self._lock:
+                self._probed.add(client.registry)
+            return listed
+
+    def _fetch_api_list(self, client: RegistryClient, repository: str, subject: str
+                        ) -> list[dict] | None:
         listed = fetch_referrers(client, repository, subject)
         if listed is None:
             with self._lock:
@@ -243,18 +266,19 @@ class ReferrerFollower:
         if walk.tags is not None:
             return walk.tags
         key = (walk.src.registry, walk.source.repository)
-        with self._lock:
-            cached = self._listings.get(key)
-            if cached is not None and self._clock() < cached[0]:
-                walk.tags = cached[1]
-                return walk.tags
-        try:
-            tags = walk.src.list_tags(walk.source.repository)
-        except NotFoundError:
-            tags = []
-        walk.tags = referrer_tags(tags)
-        with self._lock:
-            self._listings[key] = (self._clock() + self.listing_ttl, walk.tags)
+        with self._flight(("tags", *key)):  # one listing per repository at a time
+            with self._lock:
+                cached = self._listings.get(key)
+                if cached is not None and self._clock() < cached[0]:
+                    walk.tags = cached[1]
+                    return walk.tags
+            try:
+                tags = walk.src.list_tags(walk.source.repository)
+            except NotFoundError:
+                tags = []
+            walk.tags = referrer_tags(tags)
+            with self._lock:
+                self._listings[key] = (self._clock() + self.listing_ttl, walk.tags)
         return walk.tags
 
     # -- the destination ---------------------------------------------------------------------

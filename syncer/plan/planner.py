@@ -43,7 +43,7 @@ from syncer.plan.tagfilters import TagSelection, filter_tags, keep_latest_by_cre
 from syncer.registry.errors import NotFoundError, ReferenceError_
 from syncer.registry.mediatypes import PlatformFilter
 from syncer.registry.reference import TAG_RE, Repository, split_repository
-from syncer.registry.referrers import ReferrerPolicy
+from syncer.registry.referrers import ReferrerPolicy, is_referrer_tag
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -188,7 +188,7 @@ def plan(
     listings = _parallel(
         {repo: partial(_listed, lister, repo) for repo in to_list}, parallelism
     )
-    selected = _select(units, listings, lister, parallelism)
+    selected = _select(units, listings, lister, parallelism, referrers.enabled)
     for index, unit in enumerate(units):
         _unit_jobs(unit, selected.get(index), default_registry, default_namespace, builder)
     return builder.plan
@@ -207,6 +207,7 @@ def _select(
     listings: Mapping[Repository, list[str] | Exception],
     lister: Lister,
     parallelism: int,
+    referrers_on: bool = True,
 ) -> dict[int, list[str] | Exception]:
     """The tags each listing unit keeps (by unit index): its selector, then its filters.
 
@@ -221,6 +222,11 @@ def _select(
                 selections[index] = listed
             continue
         tags = select_tags(unit.rule.selector, listed)
+        follows = unit.rule.referrers if unit.rule.referrers is not None else referrers_on
+        if follows and unit.rule.selector.kind in ("all", "regex"):
+            # Referrer tags travel with their subject (merged into the destination's own
+            # referrers tag): copied as images too, they would overwrite that merge.
+            tags = [tag for tag in tags if not is_referrer_tag(tag)]
         filters = unit.rule.filters
         selections[index] = filter_tags(filters, tags) if filters else tags
     wanted = {

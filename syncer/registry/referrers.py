@@ -92,6 +92,12 @@ def cosign_tag(digest: str, suffix: str) -> str:
     return fallback_tag(digest) + suffix
 
 
+def is_referrer_tag(tag: str) -> bool:
+    """True for a tag that only carries some image's referrers (``sha256-<hex>`` and
+    cosign's ``.sig``/``.att``/``.sbom`` tags)."""
+    return _TAG_RE.match(tag) is not None
+
+
 def referrer_tags(tags: list[str]) -> dict[str, set[str]]:
     """From a tag list: subject digest → the suffixes found (``""`` for the fallback tag,
     ``.sig``/``.att``/``.sbom`` for cosign's)."""

@@ -110,12 +110,34 @@ def _spec_errors(response: requests.Response) -> tuple[SpecError, ...]:
     )
 
 
-def raise_for_response(response: requests.Response, registry: str, what: str) -> None:
-    """Raise the typed error for a non-2xx ``response``; ``what`` names the operation."""
+def _mask_spec_errors(
+    errors: tuple[SpecError, ...], secrets: Iterable[str]
+) -> tuple[SpecError, ...]:
+    hidden = [secret for secret in secrets if secret]
+    if not hidden:
+        return errors
+    masked = []
+    for error in errors:
+        message = error.message
+        for secret in hidden:
+            message = message.replace(secret, "***")
+        masked.append(SpecError(error.code, message))
+    return tuple(masked)
+
+
+def raise_for_response(
+    response: requests.Response, registry: str, what: str, secrets: Iterable[str] = ()
+) -> None:
+    """Raise the typed error for a non-2xx ``response``; ``what`` names the operation.
+
+    The registry's own error messages are free text: a registry (or a proxy in front of it)
+    that echoes what it was sent could put a credential there. Every known ``secrets`` value
+    is masked before the text reaches the exception, and so the ledger, Redis and summaries.
+    """
     status = response.status_code
     if status < 400:
         return
-    errors = _spec_errors(response)
+    errors = _mask_spec_errors(_spec_errors(response), secrets)
     codes = {e.code for e in errors}
     detail = "; ".join(f"{e.code}: {e.message}" if e.message else e.code for e in errors)
     message = f"{what}: HTTP {status}" + (f" ({detail})" if detail else "")
@@ -247,7 +269,7 @@ class Transport:
                 if answer.status_code >= 500 or answer.status_code in (408, 429):
                     self._observe("GET", answer.url, answer.status_code, failed=True)
                     self._note_rate_limit(answer)
-                    raise_for_response(answer, self.registry, "ping")
+                    raise_for_response(answer, self.registry, "ping", self.store.secrets)
         self._observe("GET", f"{https}/v2/", None)
         raise self._transport_error("ping", tls_error) from None
 
@@ -366,7 +388,7 @@ class Transport:
             self._observe(method, url, response.status_code, failed=True)
             try:
                 self._note_rate_limit(response)
-                raise_for_response(response, self.registry, what)
+                raise_for_response(response, self.registry, what, self.store.secrets)
                 raise RegistryError(
                     f"{what}: unexpected HTTP {response.status_code}",
                     registry=self.registry,

@@ -20,7 +20,7 @@ import contextvars
 import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -92,10 +92,18 @@ class ContextFilter(logging.Filter):
 class SecretScrubber(logging.Filter):
     """Replaces every secret in a record's final text, and in its extra fields, with ``***``."""
 
-    def __init__(self, secrets: Iterable[str]):
+    def __init__(self, secrets: Iterable[str] | Callable[[], Iterable[str]]):
         super().__init__()
+        # A callable is asked again on every record: credential helpers answer secrets
+        # only when a registry is first used, long after logging was set up.
+        self._source = secrets if callable(secrets) else None
+        self._known: tuple[str, ...] = ()
+        self._learn(() if callable(secrets) else tuple(secrets))
+
+    def _learn(self, known: tuple[str, ...]) -> None:
+        self._known = known
         self.secrets = tuple(
-            sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
+            sorted({s for s in known if s and len(s) >= 3}, key=len, reverse=True)
         )
         # How JSON may spell a secret: escaped quotes/backslashes/control characters, and
         # \uXXXX for non-ASCII when ensure_ascii is on.
@@ -103,8 +111,15 @@ class SecretScrubber(logging.Filter):
                  for f in (json.dumps(s)[1:-1], json.dumps(s, ensure_ascii=False)[1:-1])}
         self._escaped = tuple(sorted(forms - set(self.secrets), key=len, reverse=True))
 
+    def _refresh(self) -> None:
+        if self._source is not None:
+            known = tuple(self._source())
+            if known != self._known:
+                self._learn(known)
+
     def scrub(self, text: str) -> str:
         """``text`` with every secret replaced."""
+        self._refresh()
         for secret in self.secrets:
             text = text.replace(secret, "***")
         return text
@@ -132,6 +147,7 @@ class SecretScrubber(logging.Filter):
         return cleaned if cleaned != text else value
 
     def filter(self, record: logging.LogRecord) -> bool:
+        self._refresh()
         if self.secrets:
             record.msg = self.scrub(record.getMessage())
             record.args = None
@@ -161,7 +177,8 @@ def make_formatter(log_format: str, scrubber: SecretScrubber | None = None) -> l
 
 
 def make_handler(
-    *, log_file: str | None, secrets: Iterable[str], log_format: str = "text"
+    *, log_file: str | None, secrets: Iterable[str] | Callable[[], Iterable[str]],
+    log_format: str = "text",
 ) -> logging.Handler:
     """A handler writing to ``log_file`` (or stderr) in ``log_format``, adding the context
     fields and scrubbing ``secrets``."""
@@ -180,7 +197,7 @@ def make_handler(
 def configure_logging(
     *,
     log_file: str | None,
-    secrets: Iterable[str],
+    secrets: Iterable[str] | Callable[[], Iterable[str]],
     verbose: bool = False,
     quiet_stderr: bool = False,
     log_format: str = "text",
@@ -200,7 +217,9 @@ def configure_logging(
     root.addHandler(handler)
 
 
-def configure_root_logging(*, level: int | str, secrets: Iterable[str], log_format: str) -> None:
+def configure_root_logging(
+    *, level: int | str, secrets: Iterable[str] | Callable[[], Iterable[str]], log_format: str
+) -> None:
     """Send every other library's logs (Celery's, in a worker) to stderr the same way."""
     root = logging.getLogger()
     root.handlers.clear()

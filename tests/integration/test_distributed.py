@@ -471,7 +471,8 @@ def test_no_password_reaches_redis_logs_or_output(make_registry, make_proxy, red
     # while a task message sits in kombu's ``unacked`` hash.
     proxy = make_proxy(src)
     slow = "t01"
-    proxy.delay_next(1, 3.0, f"/manifests/{slow}", method="GET")
+    # Long enough that a loaded CI machine still reads Redis before the copy goes on.
+    proxy.delay_next(1, 8.0, f"/manifests/{slow}", method="GET")
     auth = write_json(tmp_path / "auth.json", {
         proxy.host: {"username": "admin", "password": BASIC_USERS["admin"]},
         dst.host: {"username": "admin", "password": TOKEN_USERS["admin"]},

@@ -78,6 +78,10 @@ def test_sync_json_lines_carry_the_fields_and_never_the_password(make_registry, 
     assert "1 synced" in done.stdout and "1 failed" in done.stdout
     assert denying.count(status=403) >= 1  # the echoing registry was reached
     assert_no_secret("stderr", done.stderr)
+    # The registry's echo is masked in the error itself, so the summary and the failure
+    # reason (the ledger, Redis, the failed-images file) never carry it either.
+    assert_no_secret("stdout", done.stdout)
+    assert "***" in done.stdout
     lines = json_lines(done.stderr)
 
     run_ids = {line.get("run_id") for line in lines}

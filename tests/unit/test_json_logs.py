@@ -198,3 +198,20 @@ def test_configure_logging_json_to_a_file(tmp_path):
 def test_unknown_format_is_refused():
     with pytest.raises(ValueError, match="log format"):
         make_formatter("xml")
+
+
+def test_scrubber_learns_secrets_that_appear_after_set_up():
+    """Credential helpers answer when a registry is first used, after logging was set up:
+    a scrubber given a callable asks again and masks what it learnt."""
+    from syncer.run.logsetup import SecretScrubber
+
+    known: list[str] = []
+    scrubber = SecretScrubber(lambda: tuple(known))
+    assert scrubber.scrub("token s3cr3t-from-helper") == "token s3cr3t-from-helper"
+    known.append("s3cr3t-from-helper")
+    assert scrubber.scrub("token s3cr3t-from-helper") == "token ***"
+    record = logging.LogRecord(
+        "syncer", logging.INFO, __file__, 1, "pw=%s", ("s3cr3t-from-helper",), None
+    )
+    scrubber.filter(record)
+    assert record.getMessage() == "pw=***"

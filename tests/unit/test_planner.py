@@ -15,6 +15,7 @@ from syncer.plan.planner import default_destination, default_target, plan, selec
 from syncer.registry.errors import NotFoundError
 from syncer.registry.mediatypes import PlatformFilter
 from syncer.registry.reference import Repository
+from syncer.registry.referrers import NO_REFERRERS
 
 DIGEST = "sha256:" + "cd" * 32
 
@@ -436,3 +437,18 @@ def test_filtered_rule_failures_parse_back_and_name_the_filters():
     (failure,) = result.failures
     assert failure.reason == 'x (the rule\'s tag filters: semver "^1")'
     parse_rule(failure.source, failure.destination, environ={})
+
+
+def test_referrer_tags_travel_with_their_subject_not_as_images():
+    """With referrers on (the default), an all-tags or regex rule leaves out the tags that only
+    carry referrers (``sha256-<hex>``, cosign's ``.sig``/``.att``/``.sbom``): they are copied
+    with their subject and merged there. With referrers off, they are ordinary tags."""
+    hexa = "ab" * 32
+    listed = ["v1", f"sha256-{hexa}", f"sha256-{hexa}.sig", f"sha256-{hexa}.att", "sha256-x"]
+    lister = FakeLister(tags={"quay.io/a/b": listed})
+    following = plan(rules({"quay.io/a/b": "quay.io/x/b"}), lister)
+    assert [src for src, _ in pairs(following)] == ["quay.io/a/b:v1", "quay.io/a/b:sha256-x"]
+    regex = plan(rules({"quay.io/a/b:/^(v|sha)/": "quay.io/x/b"}), lister)
+    assert [src for src, _ in pairs(regex)] == ["quay.io/a/b:v1", "quay.io/a/b:sha256-x"]
+    ignoring = plan(rules({"quay.io/a/b": "quay.io/x/b"}), lister, referrers=NO_REFERRERS)
+    assert len(pairs(ignoring)) == len(listed)

@@ -23,22 +23,39 @@ from pathlib import Path
 import psutil
 
 from tests.support import images
+from tests.support.celery_workers import clean_env
 from tests.support.proxy import CountingProxy
 from tests.support.registry import RegistryProcess
 
 GNU_TIME = "/usr/bin/time"  # Debian package "time"
-_DROP_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
-             "all_proxy", "no_proxy", "SYNCER_", "DEFAULT_REGISTRY", "DEFAULT_NAMESPACE")
+#: GNU time's report: user seconds, system seconds, peak RSS in KiB.
+TIME_FORMAT = "%U %S %M"
 
 
 def tool_env(directory: Path) -> dict[str, str]:
     """The environment of a measured tool: no proxy or syncer settings from the caller, and
-    an empty docker config (only the bench's registries, anonymous)."""
-    docker_config = directory / "docker-config"
-    docker_config.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP_ENV)}
-    env.update({"DOCKER_CONFIG": str(docker_config), "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"})
-    return env
+    an empty docker config (only the bench's registries, anonymous): the tests' ``clean_env``."""
+    return clean_env(directory)
+
+
+def timed(command: list[str], report: Path) -> list[str]:
+    """``command`` wrapped in GNU time, which writes its figures (:data:`TIME_FORMAT`) to
+    ``report``."""
+    return [GNU_TIME, "-f", TIME_FORMAT, "-o", str(report), *command]
+
+
+def read_time(report: Path) -> tuple[float, float]:
+    """CPU seconds (user + system) and peak RSS (MB) from a GNU time ``report``; zeros when
+    it holds no figures (the tool was killed, or GNU time could not run it). GNU time may
+    write a "Command exited with non-zero status" line first: the last line of three
+    numbers is the one."""
+    try:
+        lines = report.read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    figures = [f for f in (line.split() for line in lines) if len(f) == 3 and f[2].isdigit()]
+    user, system, peak_kib = figures[-1] if figures else ("0", "0", "0")
+    return float(user) + float(system), int(peak_kib) / 1024
 
 
 def syncer_bin() -> list[str]:
@@ -56,6 +73,13 @@ class Measure:
     exit_code: int
 
 
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of ``proc`` (started with ``start_new_session=True``): the
+    tool under GNU time dies too, not only GNU time."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def measure(command: list[str], env: dict | None = None, timeout: float | None = None) -> Measure:
     """Run ``command``; wall time, CPU and peak RSS.
 
@@ -67,7 +91,7 @@ def measure(command: list[str], env: dict | None = None, timeout: float | None =
     with tempfile.NamedTemporaryFile("r") as report:
         started = time.monotonic()
         proc = subprocess.Popen(
-            [GNU_TIME, "-f", "%U %S %M", "-o", report.name, *command],
+            timed(command, Path(report.name)),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=env,
@@ -77,18 +101,16 @@ def measure(command: list[str], env: dict | None = None, timeout: float | None =
             _, stderr = proc.communicate(timeout=timeout)
             returncode = proc.returncode
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_session(proc)
             _, stderr = proc.communicate()
             returncode = -9
             stderr += f"\ntimed out after {timeout:.0f} s".encode()
         elapsed = time.monotonic() - started
-        figures = [line.split() for line in report.read().splitlines()]
-    figures = [f for f in figures if len(f) == 3 and f[2].isdigit()]
+        cpu, peak_mb = read_time(Path(report.name))
     if returncode:
         tail = stderr.decode(errors="replace")[-2000:]
         print(f"  ! {command[0]} exited {returncode}: {tail}", file=sys.stderr)
-    user, system, peak_kib = figures[-1] if figures else ("0", "0", "0")
-    return Measure(elapsed, float(user) + float(system), int(peak_kib) / 1024, returncode)
+    return Measure(elapsed, cpu, peak_mb, returncode)
 
 
 class RequestCounter:
@@ -225,10 +247,15 @@ def landed(src: RegistryProcess, dst: RegistryProcess, pairs: Sequence[tuple[str
     return count
 
 
-def poll_peak(pids: Callable[[], Sequence[psutil.Process]], until: Callable[[], bool]) -> float:
-    """Poll the summed RSS of ``pids()`` until ``until()``; the peak in MB."""
+def poll_peak(pids: Callable[[], Sequence[psutil.Process]], until: Callable[[], bool],
+              deadline: float | None = None) -> float:
+    """Poll the summed RSS of ``pids()`` until ``until()``, or until ``time.monotonic()``
+    passes ``deadline`` (None: no limit; the caller tells which by asking ``until()`` again);
+    the peak in MB."""
     peak = 0.0
     while not until():
+        if deadline is not None and time.monotonic() > deadline:
+            break
         rss = 0
         for proc in pids():
             with contextlib.suppress(psutil.Error):

@@ -168,8 +168,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisUrl]
 def cluster(tmp_path: Path) -> Iterator[Callable[..., WorkerPool]]:
     """Factory ``cluster(broker_url, **env_options) -> WorkerPool`` (see
     :func:`tests.support.celery_workers.syncer_env` for the options; ``None`` keeps a
-    setting at its default). Every worker is stopped at teardown (SIGTERM, then SIGKILL of its
-    process group) and its log tail printed (pytest shows it when the test failed)."""
+    setting at its default, ``**USER_DEFAULTS`` keeps all of them). Every worker is stopped
+    at teardown (SIGTERM, then SIGKILL of its process group) and its log tail printed (pytest
+    shows it when the test failed)."""
     pools: list[WorkerPool] = []
 
     def factory(broker_url: str, **env_options: Any) -> WorkerPool:

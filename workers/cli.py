@@ -148,7 +148,8 @@ def status(run_id, as_json, watch, stall_timeout, schedule_name) -> None:
         from workers.schedule import listing
 
         try:
-            runs, schedules = listing(schedule_name)
+            # The human listing shows counts only: no job record is read.
+            runs, schedules = listing(schedule_name, records=as_json)
         except ValueError as exc:  # not a schedule name
             fail_usage([f"status --schedule: {exc}"])
         if as_json:
@@ -331,6 +332,8 @@ def worker(concurrency, pool, auth_file, config_file, hostname, loglevel, allowe
     if log_format == "json":
         json_worker_logs(lambda: store.secrets, loglevel)
         argv.insert(0, "--quiet")  # no ASCII-art banner among the JSON lines
+    else:
+        scrub_celery_logs(lambda: store.secrets)
     app.worker_main(argv)
 
 
@@ -347,6 +350,32 @@ def json_worker_logs(secrets_: Callable[[], tuple[str, ...]], loglevel: str) -> 
     setup(loglevel)
     logging.captureWarnings(True)
     signals.setup_logging.connect(setup, weak=False)
+
+
+def scrub_celery_logs(secrets_: Callable[[], tuple[str, ...]]) -> Callable[..., None]:
+    """Text logs: Celery sets up its own handlers (its format) on the root logger, the task
+    logger and the multiprocessing logger; each gets the secret scrubber the ``syncer`` logs
+    have, as it is set up (``after_setup_logger`` / ``after_setup_task_logger``). Returns the
+    receiver (connected until the process ends)."""
+    from celery import signals
+    from celery.utils.log import get_multiprocessing_logger
+
+    from syncer.run.logsetup import SecretScrubber
+
+    scrubber = SecretScrubber(secrets_)
+
+    def scrub(logger: logging.Logger | None = None, **_) -> None:
+        loggers = [logger]
+        if logger is logging.getLogger():  # configured with the root logger, no signal of its own
+            loggers.append(get_multiprocessing_logger())
+        for each in loggers:
+            for handler in each.handlers if each is not None else ():
+                if scrubber not in handler.filters:
+                    handler.addFilter(scrubber)
+
+    signals.after_setup_logger.connect(scrub, weak=False)
+    signals.after_setup_task_logger.connect(scrub, weak=False)
+    return scrub
 
 
 @cli.command()

@@ -65,12 +65,10 @@ def redis_client() -> redis.Redis:
 
 @dataclass
 class WorkerContext:
-    """Per-process state: registry connections, the copier, Redis."""
+    """Per-process state: the copier (with its registry connections), Redis."""
 
-    registries: Registries
     copier: ImageCopier
     redis: redis.Redis
-    secrets: tuple[str, ...]
 
     def ledger(self, run_id: str) -> RedisLedger:
         """The ledger of ``run_id``."""
@@ -94,8 +92,6 @@ def get_context() -> WorkerContext:
             registries = Registries(store, gate=RedisHostGate(client),
                                     limiter=Limiter(RedisLimitBackend(client)))
             coordinator = RedisBlobCoordinator(client)
-            _context = WorkerContext(
-                registries, ImageCopier(registries, coordinator=coordinator), client, store.secrets
-            )
+            _context = WorkerContext(ImageCopier(registries, coordinator=coordinator), client)
             _context_pid = os.getpid()
         return _context

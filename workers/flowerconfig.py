@@ -24,9 +24,9 @@ import ast
 import os
 from typing import Any
 
-#: Task name of :func:`workers.tasks.sync_image` (kept literal: importing the task module
-#: would connect the worker's signals in Flower's process).
-TASK_NAME = "syncer.sync_image"
+# From the settings, not the task module: importing that would connect the worker's signals
+# in Flower's process.
+from workers.settings import TASK_NAME
 
 #: Flower's ``tasks_columns``: slugs from Flower's ``TASK_COLUMNS``, in display order.
 #: ``args`` shows ``SRC -> DST`` and ``kwargs`` the run id (see :func:`format_task`); the

@@ -30,10 +30,9 @@ from workers.liveness import (
     instance_id,
     new_instance_id,
 )
-from workers.settings import redis_url
+from workers.settings import TASK_NAME, redis_url
 
 log = logging.getLogger("syncer.worker")
-TASK_NAME = "syncer.sync_image"
 
 
 class _Runtime:

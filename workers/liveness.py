@@ -47,6 +47,13 @@ from typing import Any
 
 import redis
 
+from workers.settings import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_HEARTBEAT_TTL,
+    DEFAULT_MAX_REDELIVERIES,
+    DEFAULT_REAP_INTERVAL,
+)
+
 log = logging.getLogger("syncer.worker")
 
 #: Where a worker process keeps its instance id (inherited by prefork children).
@@ -89,21 +96,23 @@ def instance_id() -> str:
 
 @dataclass(frozen=True)
 class LivenessSettings:
-    """Timings and the redelivery cap (``syncer_*`` keys of the Celery settings)."""
+    """Timings and the redelivery cap (``syncer_*`` keys of the Celery settings; defaults:
+    the ``DEFAULT_*`` of :mod:`workers.settings`)."""
 
-    heartbeat_interval: float = 10.0
-    heartbeat_ttl: float = 30.0
-    reap_interval: float = 10.0
-    max_redeliveries: int = 3
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL
+    reap_interval: float = DEFAULT_REAP_INTERVAL
+    max_redeliveries: int = DEFAULT_MAX_REDELIVERIES
 
     @classmethod
     def from_conf(cls, conf: Any) -> LivenessSettings:
         """Read them from a Celery ``app.conf`` (see :func:`workers.settings.liveness_settings`)."""
         return cls(
-            heartbeat_interval=float(conf.get("syncer_heartbeat_interval", 10.0)),
-            heartbeat_ttl=float(conf.get("syncer_heartbeat_ttl", 30.0)),
-            reap_interval=float(conf.get("syncer_reap_interval", 10.0)),
-            max_redeliveries=int(conf.get("syncer_max_redeliveries", 3)),
+            heartbeat_interval=float(conf.get("syncer_heartbeat_interval",
+                                              DEFAULT_HEARTBEAT_INTERVAL)),
+            heartbeat_ttl=float(conf.get("syncer_heartbeat_ttl", DEFAULT_HEARTBEAT_TTL)),
+            reap_interval=float(conf.get("syncer_reap_interval", DEFAULT_REAP_INTERVAL)),
+            max_redeliveries=int(conf.get("syncer_max_redeliveries", DEFAULT_MAX_REDELIVERIES)),
         )
 
 
@@ -200,29 +209,38 @@ class Heartbeat:
 
 
 class ActivityReporter:
-    """Feeds a run's bytes-in-flight counter from a copy's ``on_bytes`` callback, at most
-    every ``every`` seconds (the planner's stall detection needs seconds, not bytes)."""
+    """Feeds a run's bytes-in-flight counter from a copy's ``on_bytes`` callback, every
+    ``every`` seconds (the planner's stall detection needs seconds, not bytes).
+
+    The callback runs between two chunks of a blob, so it only adds to a counter: the writes
+    to Redis happen in a thread of their own, started and stopped by ``with``, whose exit
+    writes what is left. A slow Redis never holds up a copy's stream.
+    """
 
     def __init__(self, add: Callable[[int], None], every: float = 2.0):
         self._add = add
-        self._every = every
         self._pending = 0
-        self._last = time.monotonic()
         self._lock = threading.Lock()
+        self._periodic = Periodic("activity", every, self.flush)
 
     def __call__(self, nbytes: int) -> None:
-        """Count ``nbytes`` moved; flush when the last flush is old enough."""
+        """Count ``nbytes`` moved (no I/O)."""
         with self._lock:
             self._pending += nbytes
-            due = time.monotonic() - self._last >= self._every
-        if due:
-            self.flush()
 
     def flush(self) -> None:
         """Write what was counted (errors ignored: this is only a progress signal)."""
         with self._lock:
             count, self._pending = self._pending, 0
-            self._last = time.monotonic()
         if count:
             with contextlib.suppress(redis.RedisError):
                 self._add(count)
+
+    def __enter__(self) -> ActivityReporter:
+        self._periodic.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # Not waiting for a flush in progress: it writes its own count, this one the rest.
+        self._periodic.stop(timeout=0)
+        self.flush()

@@ -35,6 +35,7 @@ from workers.liveness import (
     parse_member,
 )
 from workers.redis_ledger import RedisLedger
+from workers.redis_util import text
 
 log = logging.getLogger("syncer.reaper")
 
@@ -77,10 +78,11 @@ class Reaper:
         self.clock = clock
         self._claim = client.register_script(_CLAIM)
         self._suspects: dict[str, float] = {}  # instance -> when first seen silent
+        self._next_pass = float("-inf")
 
     def reap_once(self) -> int:
         """One pass; returns how many jobs were enqueued again."""
-        instances = [_text(i) for i in self.redis.smembers(INSTANCES_KEY)]
+        instances = [text(i) for i in self.redis.smembers(INSTANCES_KEY)]
         instances = [i for i in instances if i != self.own_instance]
         if not instances:
             self._suspects.clear()
@@ -148,6 +150,12 @@ class Reaper:
             log.warning("reaper: Redis unavailable: %s", exc)
             return 0
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    def reap_when_due(self) -> int:
+        """:meth:`safe_reap` when ``settings.reap_interval`` seconds have passed since the
+        last pass (the first call makes one at once), else nothing (0). A follower that looks
+        at its run every fraction of a second calls this each time."""
+        now = self.clock()
+        if now < self._next_pass:
+            return 0
+        self._next_pass = now + self.settings.reap_interval
+        return self.safe_reap()

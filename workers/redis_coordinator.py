@@ -33,6 +33,7 @@ from redis.lock import Lock
 
 from syncer.copy.coordinator import PRESENCE_TTL
 from syncer.registry.errors import TimeLimitExceeded
+from workers.redis_util import text
 
 HOLDERS_TTL = 7 * 24 * 3600
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class RedisBlobCoordinator:
             members = self.redis.smembers(f"syncer:blobrepos:{registry}:{digest}")
         except redis.RedisError:
             return []
-        return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+        return sorted(text(m) for m in members)
 
     def record(self, registry: str, repository: str, digest: str) -> None:
         """Remember that ``repository`` holds the blob (a mount source for a week, a

@@ -26,12 +26,12 @@ from collections.abc import Callable
 import redis
 
 from syncer.registry.hostgate import MAX_PAUSE, HostGate
+from workers.redis_util import RedisOutage
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "syncer:pause:"
 POLL_INTERVAL = 1.0  # seconds between two reads of one host's pause from Redis
-ERROR_BACKOFF = 10.0  # after a Redis error, seconds before Redis is asked again
 
 # KEYS[1] = pause key; ARGV[1] = pause in ms. Extend only: set when absent (PTTL -2), when
 # without expiry (-1, never written by us), or when the new pause ends later.
@@ -66,7 +66,10 @@ class RedisHostGate:
         self._clock = clock
         self._script = client.register_script(_EXTEND_PAUSE)
         self._next_poll: dict[str, float] = {}
-        self._redis_down_until = 0.0
+        self._outage = RedisOutage(
+            log, "rate-limit pauses are not shared for %.0fs (Redis: %s); using this worker's own",
+            clock=clock,
+        )
         self._lock = threading.Lock()
 
     def pause(self, host: str, seconds: float) -> None:
@@ -75,12 +78,12 @@ class RedisHostGate:
             return
         seconds = min(seconds, self.local.max_pause, MAX_PAUSE)
         self.local.pause(host, seconds)
-        if not self._redis_usable():
+        if not self._outage.usable():
             return
         try:
             self._script(keys=[self.key_prefix + host], args=[max(int(seconds * 1000), 1)])
         except (redis.RedisError, OSError) as exc:
-            self._redis_failed(exc)
+            self._outage.failed(exc)
 
     def wait(self, host: str) -> None:
         """Wait while ``host`` is paused here or (as last read, ≤ ``poll_interval`` ago) in
@@ -89,7 +92,7 @@ class RedisHostGate:
             try:
                 left_ms = self.client.pttl(self.key_prefix + host)
             except (redis.RedisError, OSError) as exc:
-                self._redis_failed(exc)
+                self._outage.failed(exc)
             else:
                 if left_ms is not None and left_ms > 0:
                     self.local.pause(host, left_ms / 1000.0)
@@ -103,21 +106,7 @@ class RedisHostGate:
         """True for the one caller that should read Redis now (others use the cache)."""
         now = self._clock()
         with self._lock:
-            if now < self._redis_down_until or now < self._next_poll.get(host, 0.0):
+            if not self._outage.usable() or now < self._next_poll.get(host, 0.0):
                 return False
             self._next_poll[host] = now + self.poll_interval
             return True
-
-    def _redis_usable(self) -> bool:
-        with self._lock:
-            return self._clock() >= self._redis_down_until
-
-    def _redis_failed(self, exc: BaseException) -> None:
-        with self._lock:
-            first = self._clock() >= self._redis_down_until
-            self._redis_down_until = self._clock() + ERROR_BACKOFF
-        if first:
-            log.warning(
-                "rate-limit pauses are not shared for %.0fs (Redis: %s); using this worker's own",
-                ERROR_BACKOFF, type(exc).__name__,
-            )

@@ -33,11 +33,18 @@ import redis
 
 from syncer.plan.jobs import Job, PlanFailure
 from syncer.run.ledger import COUNTERS, JobRecord, RunSummary, tally_records
+from workers.redis_util import text
 
 DEFAULT_TTL = 7 * 24 * 3600
 RUNS_KEY = "syncer:runs"
 #: Fields per ``HSET`` when a run is created.
 BEGIN_CHUNK = 1000
+#: The parts of a run's record (keys ``syncer:run:<run_id>:<part>``, see above).
+PARTS = ("meta", "jobs", "state", "reason", "digest", "attempts", "worker", "holder", "lost",
+         "final", "counters", "activity")
+# The keys of :data:`_FINALISE`: those it names, then the other parts (their expiry renewed).
+_FINALISE_NAMED = ("final", "state", "reason", "digest", "meta", "counters")
+_FINALISE_PARTS = (*_FINALISE_NAMED, *(p for p in PARTS if p not in _FINALISE_NAMED))
 
 # Makes a job final once: its state, reason, digest and byte counters are written only when
 # SADD adds the id to ``final``. Shared by the scripts below. Returns true when it did.
@@ -60,15 +67,22 @@ local function lost_reason(count)
 end
 """
 
-# KEYS: final, state, reason, digest, meta, counters   ARGV: job id, state, reason, digest,
-# now, then counter name/value pairs. Returns 1 when this call made the job final.
+# KEYS: final, state, reason, digest, meta, counters, then the run's other keys   ARGV: job
+# id, state, reason, digest, now, ttl, then counter name/value pairs. Every key of the run
+# gets the ttl again, in the same round trip. Returns 1 when this call made the job final.
 _FINALISE = _FINALISE_FUNCTION + """
-if not finalise(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2], ARGV[3],
-                ARGV[4], ARGV[5]) then return 0 end
-for i = 6, #ARGV, 2 do
-  redis.call('HINCRBY', KEYS[6], ARGV[i], tonumber(ARGV[i + 1]))
+local made = finalise(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2], ARGV[3],
+                      ARGV[4], ARGV[5])
+if made then
+  for i = 7, #ARGV, 2 do
+    redis.call('HINCRBY', KEYS[6], ARGV[i], tonumber(ARGV[i + 1]))
+  end
 end
-return 1
+for i = 1, #KEYS do  -- after the writes: a key this call created expires too
+  redis.call('EXPIRE', KEYS[i], ARGV[6])
+end
+if made then return 1 end
+return 0
 """
 
 # A start. A job already final is left alone ('final': the caller acknowledges the message
@@ -132,47 +146,58 @@ return 1
 """
 
 
-# A summary's numbers, computed where the states are: the run's meta and counters, how many
-# jobs are running (or retrying), and which ids are final (their records are listed). A state
-# for an id that is not a job of the run (a stray or forged message) is not counted.
-# KEYS: meta, counters, state, jobs. Returns {meta, counters (HGETALL replies), running,
-# {final job ids}}.
+# A run's numbers, computed where the states are, in one pass over them: the run's meta and
+# counters; how many jobs are synced, skipped, failed, running (or retrying); the attempts
+# started (every start of a job adds one) and the bytes moved by copies in flight; how many
+# ids are in each state ("state=count", the progress fingerprint: any job starting,
+# retrying, being recovered or finishing changes one of these); and, when ARGV[1] is '1',
+# which ids are final (a full summary lists their records). A state for an id that is not a
+# job of the run (a stray or forged message) is not counted as a job.
+# KEYS: meta, counters, state, jobs, attempts, activity.   ARGV: '1' to list the final ids.
+# Returns {meta, counters (HGETALL replies), synced, skipped, failed, running, attempts,
+# activity, {final job ids}, "state=count", ...}.
 _TALLY = """
 local states = redis.call('HGETALL', KEYS[3])
 local strays = #states / 2 > redis.call('HLEN', KEYS[4])
-local running, final = 0, {}
+local list_final = ARGV[1] == '1'
+local jobs = {synced = 0, skipped = 0, failed = 0, running = 0, retrying = 0}
+local seen, final = {}, {}
 for i = 1, #states, 2 do
-  if not strays or redis.call('HEXISTS', KEYS[4], states[i]) == 1 then
-    local state = states[i + 1]
-    if state == 'running' or state == 'retrying' then
-      running = running + 1
-    elseif state == 'synced' or state == 'skipped' or state == 'failed' then
+  local state = states[i + 1]
+  seen[state] = (seen[state] or 0) + 1
+  if jobs[state] and (not strays or redis.call('HEXISTS', KEYS[4], states[i]) == 1) then
+    jobs[state] = jobs[state] + 1
+    if list_final and state ~= 'running' and state ~= 'retrying' then
       final[#final + 1] = states[i]
     end
   end
 end
-return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), running, final}
-"""
-
-# How far the run has moved: the attempts started (every start of a job adds one), the bytes
-# moved by copies in flight, and how many jobs are in each state. Any job starting, retrying,
-# being recovered or finishing changes one of them. KEYS: state, attempts, activity.
-# Returns {attempts, activity, "state=count", ...}.
-_PROGRESS = """
-local counts = {}
-for _, state in ipairs(redis.call('HVALS', KEYS[1])) do
-  counts[state] = (counts[state] or 0) + 1
-end
 local attempts = 0
-for _, started in ipairs(redis.call('HVALS', KEYS[2])) do
+for _, started in ipairs(redis.call('HVALS', KEYS[5])) do
   attempts = attempts + tonumber(started)
 end
-local out = {attempts, redis.call('GET', KEYS[3]) or '0'}
-for state, count in pairs(counts) do
+local out = {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), jobs.synced,
+             jobs.skipped, jobs.failed, jobs.running + jobs.retrying, attempts,
+             redis.call('GET', KEYS[6]) or '0', final}
+for state, count in pairs(seen) do
   out[#out + 1] = state .. '=' .. count
 end
 return out
 """
+
+
+@dataclass(frozen=True)
+class Tally:
+    """A run's counts read in one script (:meth:`RedisLedger.tally`).
+
+    ``summary``: the run's totals and per-state counts, as :meth:`RedisLedger.summary` has
+    them, but without the job records (``failures`` and ``succeeded`` are empty): what a
+    progress bar, a poll or a listing needs. ``progress``: a fingerprint of the run's
+    movement (see :meth:`RedisLedger.progress`).
+    """
+
+    summary: RunSummary
+    progress: tuple
 
 
 @dataclass(frozen=True)
@@ -190,7 +215,7 @@ class Verdict:
     @classmethod
     def from_reply(cls, reply) -> Verdict:
         """Build from a script's ``{verdict, lost}`` reply."""
-        return cls(_text(reply[0]), int(reply[1]))
+        return cls(text(reply[0]), int(reply[1]))
 
 
 class RunNotFound(LookupError):
@@ -210,28 +235,13 @@ class RedisLedger:
         self._lost = client.register_script(_LOST)
         self._retrying = client.register_script(_RETRYING)
         self._tally = client.register_script(_TALLY)
-        self._progress = client.register_script(_PROGRESS)
 
     def key(self, name: str) -> str:
         """The Redis key of one part of this run's record."""
         return self._prefix + name
 
     def _keys(self) -> list[str]:
-        names = (
-            "meta",
-            "jobs",
-            "state",
-            "reason",
-            "digest",
-            "attempts",
-            "worker",
-            "holder",
-            "lost",
-            "final",
-            "counters",
-            "activity",
-        )
-        return [self.key(n) for n in names]
+        return self._script_keys(*PARTS)
 
     def _touch(self, pipe) -> None:
         for key in self._keys():
@@ -319,13 +329,10 @@ class RedisLedger:
         pipe.execute()
 
     def _final(self, job_id: str, state: str, reason: str, digest: str, counts: dict) -> bool:
-        args: list = [job_id, state, reason, digest, time.time()]
+        args: list = [job_id, state, reason, digest, time.time(), self.ttl]
         for name in COUNTERS:
             args += [name, int(counts.get(name, 0))]
-        keys = self._script_keys("final", "state", "reason", "digest", "meta", "counters")
-        made_final = bool(self._finalise(keys=keys, args=args))
-        self._touch_all()
-        return made_final
+        return bool(self._finalise(keys=self._script_keys(*_FINALISE_PARTS), args=args))
 
     def mark_done(self, job_id: str, result: dict) -> bool:
         """Final success; False if the job was already final (nothing counted again)."""
@@ -336,10 +343,6 @@ class RedisLedger:
     def mark_failed(self, job_id: str, reason: str) -> bool:
         """Final failure; False if the job was already final."""
         return self._final(job_id, "failed", reason, "", {})
-
-    def is_final(self, job_id: str) -> bool:
-        """True when the job already reached a final state."""
-        return bool(self.redis.sismember(self.key("final"), job_id))
 
     def job(self, job_id: str) -> Job | None:
         """The job ``job_id`` as planned (None if the run has no such job)."""
@@ -373,15 +376,43 @@ class RedisLedger:
         return self._records_of(self.redis.hkeys(self.key("jobs")))
 
     def summary(self) -> RunSummary:
-        """Current totals; raises :class:`RunNotFound` for an unknown run.
+        """Current totals with the records of the final jobs; raises :class:`RunNotFound`
+        for an unknown run.
 
         Two round trips whatever the size of the run: the run's meta and counters with the
         jobs' states counted inside Redis (one script, :data:`_TALLY`); then the records of
         the jobs in a final state (the summary lists them), by ``HMGET``. A run of 10,000
-        pending jobs sends back a few numbers, not 10,000 states.
+        pending jobs sends back a few numbers, not 10,000 states. To follow a run, use
+        :meth:`counts` (or :meth:`tally`): the first round trip only.
         """
-        raw_meta, raw_counters, running, final = self._tally(
-            keys=self._script_keys("meta", "counters", "state", "jobs"))
+        summary, _, final = self._run_tally(list_final=True)
+        summary.synced = summary.skipped = summary.failed = 0  # counted from the records
+        return tally_records(summary, self._records_of(final))
+
+    def tally(self) -> Tally:
+        """The run's counts and progress fingerprint in one round trip (:data:`_TALLY`),
+        without reading a single job record; raises :class:`RunNotFound` for an unknown run."""
+        summary, progress, _ = self._run_tally(list_final=False)
+        return Tally(summary, progress)
+
+    def counts(self) -> RunSummary:
+        """:meth:`summary` without the records (empty ``failures`` and ``succeeded``): same
+        totals and counts, one round trip — for polls, progress bars and listings."""
+        return self.tally().summary
+
+    def progress(self) -> tuple:
+        """A fingerprint of the run's movement, computed inside Redis in one round trip
+        (:data:`_TALLY`): it changes whenever a job starts, retries, is recovered or
+        finishes, or a copy in flight moves bytes."""
+        return self.tally().progress
+
+    def _run_tally(self, *, list_final: bool) -> tuple[RunSummary, tuple, list]:
+        """Run :data:`_TALLY`: the counts-only summary, the progress fingerprint, and the
+        final job ids (when ``list_final``)."""
+        (raw_meta, raw_counters, synced, skipped, failed, running, attempts, activity, final,
+         *states) = self._tally(
+            keys=self._script_keys("meta", "counters", "state", "jobs", "attempts", "activity"),
+            args=["1" if list_final else "0"])
         meta = _pairs(raw_meta)
         if not meta:
             raise RunNotFound(self.run_id)
@@ -389,13 +420,16 @@ class RedisLedger:
         summary = RunSummary(
             self.run_id,
             total=int(meta.get("total", 0)),
+            synced=int(synced),
+            skipped=int(skipped),
+            failed=int(failed),
+            running=int(running),
             started_at=float(meta.get("created_at", 0)),
             finished_at=float(meta.get("finished_at", 0) or 0),
             **{name: counters.get(name, 0) for name in COUNTERS},
         )
-        summary = tally_records(summary, self._records_of(list(final)))
-        summary.running = int(running)
-        return summary
+        progress = (int(attempts), int(activity), frozenset(text(c) for c in states))
+        return summary, progress, list(final)
 
     def _records_of(self, job_ids: list) -> list[JobRecord]:
         """The records of ``job_ids`` (one round trip), sorted by source then destination."""
@@ -412,24 +446,35 @@ class RedisLedger:
                 continue
             data = json.loads(raw)
             found.append(JobRecord(
-                id=_text(job_id),
+                id=text(job_id),
                 source=data["source"],
                 destination=data["destination"],
-                state=_text(state or b"pending"),
-                reason=_text(reason or b""),
-                digest=_text(digest or b""),
+                state=text(state or b"pending"),
+                reason=text(reason or b""),
+                digest=text(digest or b""),
                 attempts=int(attempts or 0),
-                worker=_text(worker or b""),
+                worker=text(worker or b""),
             ))
         return sorted(found, key=lambda r: (r.source, r.destination))
 
-    def progress(self) -> tuple:
-        """A fingerprint of the run's movement, computed inside Redis in one round trip
-        (:data:`_PROGRESS`): it changes whenever a job starts, retries, is recovered or
-        finishes, or a copy in flight moves bytes."""
-        attempts, activity, *counts = self._progress(
-            keys=self._script_keys("state", "attempts", "activity"))
-        return int(attempts), int(activity), frozenset(_text(c) for c in counts)
+
+def indexed_runs(
+    client: redis.Redis, index_key: str, limit: int = 20, *, records: bool = True
+) -> list[RunSummary]:
+    """The newest runs of the sorted set ``index_key`` (run id → created: :data:`RUNS_KEY`,
+    or a schedule's runs), newest first; an expired run leaves the index.
+
+    ``records``: full summaries (:meth:`RedisLedger.summary`), else their counts only
+    (:meth:`RedisLedger.counts`: one round trip per run, no job record read).
+    """
+    found = []
+    for raw in client.zrevrange(index_key, 0, limit - 1):
+        ledger = RedisLedger(client, text(raw))
+        try:
+            found.append(ledger.summary() if records else ledger.counts())
+        except RunNotFound:
+            client.zrem(index_key, ledger.run_id)  # expired: drop it from the index
+    return found
 
 
 def _hset_chunks(pipe, key: str, pairs) -> None:
@@ -446,8 +491,4 @@ def _hset_chunks(pipe, key: str, pairs) -> None:
 
 def _pairs(flat: list) -> dict[str, str]:
     """A script's ``HGETALL`` reply (a flat field, value list) as a dict of text."""
-    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return {text(flat[i]): text(flat[i + 1]) for i in range(0, len(flat), 2)}

@@ -18,8 +18,8 @@ replication, the default of Redis 7): one clock for every host, whatever theirs 
 
 Waiting for a slot is a poll (20 ms doubling to 200 ms, jittered), cut short when a thread of
 this process gives a slot back. Redis errors never fail a copy: the backend falls back to a
-:class:`~syncer.registry.limits.LocalBackend` (this worker's share only) for ``ERROR_BACKOFF``
-seconds, says so once, and tries Redis again.
+:class:`~syncer.registry.limits.LocalBackend` (this worker's share only) for
+:data:`~workers.redis_util.ERROR_BACKOFF` seconds, says so once, and tries Redis again.
 
 Every worker should carry the same limits for a registry: each one compares the shared count
 with *its own* ``max_concurrency``.
@@ -39,13 +39,13 @@ from dataclasses import dataclass
 import redis
 
 from syncer.registry.limits import LocalBackend
+from workers.redis_util import RedisOutage
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "syncer:limit:"
 LEASE_TTL = 30.0  # seconds a slot outlives a worker that stopped renewing it
 POLL_MIN, POLL_MAX = 0.02, 0.2  # seconds between two tries for a slot
-ERROR_BACKOFF = 10.0  # after a Redis error, seconds on the local backend
 
 # KEYS[1] slots; ARGV: limit, lease id, ttl ms, force ('1': take it even when full).
 _ACQUIRE = """
@@ -118,7 +118,10 @@ class RedisLimitBackend:
         self._held: dict[str, str] = {}  # lease id -> registry
         self._cond = threading.Condition()
         self._renewer: threading.Thread | None = None
-        self._redis_down_until = 0.0
+        self._outage = RedisOutage(
+            log, "registry limits are not shared for %.0fs (Redis: %s); this worker counts its "
+            "own requests only", clock=clock,
+        )
 
     def slots_key(self, registry: str) -> str:
         """The sorted set of leases of ``registry``."""
@@ -135,7 +138,7 @@ class RedisLimitBackend:
         end = self._clock() + timeout
         delay = POLL_MIN
         while True:
-            if not self._redis_usable():
+            if not self._outage.usable():
                 return self._local_acquire(registry, limit, end, force)
             with self._cond:
                 self._serial += 1
@@ -146,7 +149,7 @@ class RedisLimitBackend:
                     args=[limit, lease, max(int(self.lease_ttl * 1000), 1), "1" if force else "0"],
                 )
             except (redis.RedisError, OSError) as exc:
-                self._redis_failed(exc)
+                self._outage.failed(exc)
                 continue
             if taken:
                 with self._cond:
@@ -175,12 +178,7 @@ class RedisLimitBackend:
         try:
             self.client.zrem(self.slots_key(registry), str(token))
         except (redis.RedisError, OSError) as exc:
-            self._redis_failed(exc)
-
-    def held(self) -> int:
-        """Leases this process holds right now."""
-        with self._cond:
-            return len(self._held)
+            self._outage.failed(exc)
 
     def _ensure_renewer(self) -> None:
         with self._cond:
@@ -207,34 +205,18 @@ class RedisLimitBackend:
             try:
                 self._renew(keys=[self.slots_key(registry)], args=[ttl_ms, *leases])
             except (redis.RedisError, OSError) as exc:
-                self._redis_failed(exc)
+                self._outage.failed(exc)
                 return
 
     # -- rate --------------------------------------------------------------------------------
 
     def reserve(self, registry: str, rate: float) -> float:
         """Reserve the next start of ``registry`` in Redis; seconds to wait for it."""
-        if self._redis_usable():
+        if self._outage.usable():
             interval_us = max(int(1_000_000 / rate), 1)
             try:
                 waited = self._reserve(keys=[self.rate_key(registry)], args=[interval_us])
                 return max(int(waited), 0) / 1_000_000
             except (redis.RedisError, OSError) as exc:
-                self._redis_failed(exc)
+                self._outage.failed(exc)
         return self.local.reserve(registry, rate)
-
-    # -- Redis trouble -----------------------------------------------------------------------
-
-    def _redis_usable(self) -> bool:
-        return self._clock() >= self._redis_down_until
-
-    def _redis_failed(self, exc: BaseException) -> None:
-        with self._cond:
-            first = self._clock() >= self._redis_down_until
-            self._redis_down_until = self._clock() + ERROR_BACKOFF
-        if first:
-            log.warning(
-                "registry limits are not shared for %.0fs (Redis: %s); this worker counts its "
-                "own requests only",
-                ERROR_BACKOFF, type(exc).__name__,
-            )

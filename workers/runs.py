@@ -24,7 +24,7 @@ from syncer.plan.jobs import Job, Plan
 from syncer.run.ledger import FINAL_STATES, JobRecord, RunSummary
 from syncer.run.progress import ProgressView
 from workers.context import redis_client
-from workers.redis_ledger import RUNS_KEY, RedisLedger, RunNotFound
+from workers.redis_ledger import RUNS_KEY, RedisLedger, indexed_runs
 from workers.settings import DEFAULT_STALL_TIMEOUT
 
 
@@ -49,17 +49,10 @@ def open_ledger(run_id: str) -> RedisLedger:
     return RedisLedger(redis_client(), run_id)
 
 
-def recent_runs(limit: int = 20) -> list[RunSummary]:
-    """Summaries of the newest runs still in Redis, newest first."""
-    client = redis_client()
-    found = []
-    for raw in client.zrevrange(RUNS_KEY, 0, limit - 1):
-        run_id = raw.decode() if isinstance(raw, bytes) else raw
-        try:
-            found.append(RedisLedger(client, run_id).summary())
-        except RunNotFound:
-            client.zrem(RUNS_KEY, run_id)  # expired: drop it from the index
-    return found
+def recent_runs(limit: int = 20, *, records: bool = True) -> list[RunSummary]:
+    """Summaries of the newest runs still in Redis, newest first (``records``: see
+    :func:`~workers.redis_ledger.indexed_runs`)."""
+    return indexed_runs(redis_client(), RUNS_KEY, limit, records=records)
 
 
 #: Task messages per Redis pipeline (an ``LPUSH`` each) when enqueueing, and ``task-sent``
@@ -229,12 +222,14 @@ def enqueue(plan: Plan, retries: int) -> RedisLedger:
 
 
 def planner_reaper(client: redis.Redis) -> Callable[[], int]:
-    """A reaper pass for a follower (no instance of its own), with the workers' settings."""
+    """The reaper of a follower (no instance of its own), with the workers' settings: call it
+    at every look at the run; it makes a pass every ``syncer_reap_interval``
+    (``SYNCER_REAP_INTERVAL``) seconds (:meth:`~workers.reaper.Reaper.reap_when_due`)."""
     from workers.app import app
     from workers.liveness import LivenessSettings
     from workers.reaper import Reaper
 
-    return Reaper(client, send_job, LivenessSettings.from_conf(app.conf)).safe_reap
+    return Reaper(client, send_job, LivenessSettings.from_conf(app.conf)).reap_when_due
 
 
 class _ProgressWatch:
@@ -270,40 +265,37 @@ def wait_for(
     poll: float = 0.5,
     stall_timeout: float | None = None,
     reap: Callable[[], int] | None = None,
-    reap_interval: float | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> RunSummary:
     """Poll the ledger until every job is final (riding out a Redis restart); return the
     final summary.
 
-    Every ``reap_interval`` seconds ``reap()`` runs (by default a reaper with the workers'
-    settings; pass ``reap=lambda: 0`` for none). Raises :class:`RunStalled` after
-    ``stall_timeout`` seconds without progress (None: the default, 600 s; 0: wait forever), and
+    A poll reads the run's counts only (:meth:`RedisLedger.tally`, one script, no job
+    record); the full summary is read once, at the end (or for the stall report). ``reap()``
+    runs at every poll (by default :func:`planner_reaper`, which throttles itself; pass
+    ``reap=lambda: 0`` for none). Raises :class:`RunStalled` after ``stall_timeout`` seconds
+    without progress (None: the default, 600 s; 0: wait forever), and
     :class:`~workers.redis_ledger.RunNotFound` if the run vanishes.
     """
     if reap is None:
-        from workers.app import app
-
         reap = planner_reaper(ledger.redis)
-        reap_interval = reap_interval or float(app.conf.get("syncer_reap_interval", 10.0))
-    reap_interval = reap_interval or 10.0
     if stall_timeout is None:
         stall_timeout = DEFAULT_STALL_TIMEOUT
     watch = _ProgressWatch(stall_timeout, clock)
-    next_reap = clock() + reap_interval
-    with ProgressView(ledger.summary, enabled=show_progress):
+    with ProgressView(ledger.counts, enabled=show_progress):
         while True:
             try:
-                summary = ledger.summary()
-                watch.observe(ledger.progress())
-                if not summary.complete and watch.stalled:
-                    unfinished = [r for r in ledger.records() if r.state not in FINAL_STATES]
-                    raise RunStalled(summary, unfinished, watch.idle)
+                tally = ledger.tally()
+                watch.observe(tally.progress)
+                if tally.summary.complete or watch.stalled:
+                    summary = ledger.summary()
+                    if summary.complete:
+                        return summary
+                    if watch.stalled:
+                        unfinished = [r for r in ledger.records()
+                                      if r.state not in FINAL_STATES]
+                        raise RunStalled(summary, unfinished, watch.idle)
             except redis.ConnectionError:
-                summary = None  # Redis restarting: keep waiting
-            if summary is not None and summary.complete:
-                return summary
-            if clock() >= next_reap:
-                reap()
-                next_reap = clock() + reap_interval
+                pass  # Redis restarting: keep waiting
+            reap()
             time.sleep(poll)

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import redis
 
 from syncer.run.ledger import RunSummary
-from workers.redis_ledger import DEFAULT_TTL, RedisLedger, RunNotFound
+from workers.redis_ledger import DEFAULT_TTL, RedisLedger, RunNotFound, indexed_runs
+from workers.redis_util import text
 
 log = logging.getLogger("syncer.schedule")
 
@@ -133,11 +134,11 @@ class ScheduleStore:
         """Claim ``period`` for a new run (see the module docstring)."""
         reply = self._claim(keys=[self.lock_key, self.state_key],
                             args=[period, placeholder, PLANNING_TTL * 1000, every])
-        return Claim(_text(reply[0]), _text(reply[1]))
+        return Claim(text(reply[0]), text(reply[1]))
 
     def holder(self) -> str:
         """The lock's value: the current run id, ``planning:…``, or ``""``."""
-        return _text(self.redis.get(self.lock_key) or b"")
+        return text(self.redis.get(self.lock_key) or b"")
 
     def release_if_done(self, run_id: str) -> bool:
         """Free the lock if it holds ``run_id`` and that run is complete (or expired)."""
@@ -163,21 +164,12 @@ class ScheduleStore:
 
     def run_ids(self, limit: int = 20) -> list[str]:
         """The schedule's newest run ids, newest first."""
-        return [_text(r) for r in self.redis.zrevrange(self.runs_key, 0, limit - 1)]
+        return [text(r) for r in self.redis.zrevrange(self.runs_key, 0, limit - 1)]
 
-    def runs(self, limit: int = 20) -> list[RunSummary]:
-        """Summaries of the schedule's newest runs still in Redis, newest first."""
-        found = []
-        for run_id in self.run_ids(limit):
-            try:
-                found.append(RedisLedger(self.redis, run_id).summary())
-            except RunNotFound:
-                self.redis.zrem(self.runs_key, run_id)
-        return found
-
-    def state(self) -> dict[str, str]:
-        """The schedule's hash: ``period`` (last claimed), ``every``, ``last_run``."""
-        return {_text(k): _text(v) for k, v in self.redis.hgetall(self.state_key).items()}
+    def runs(self, limit: int = 20, *, records: bool = True) -> list[RunSummary]:
+        """Summaries of the schedule's newest runs still in Redis, newest first (``records``:
+        see :func:`~workers.redis_ledger.indexed_runs`)."""
+        return indexed_runs(self.redis, self.runs_key, limit, records=records)
 
 
 def schedule_names(client: redis.Redis, run_ids: list[str]) -> dict[str, str]:
@@ -186,17 +178,18 @@ def schedule_names(client: redis.Redis, run_ids: list[str]) -> dict[str, str]:
     for run_id in run_ids:
         pipe.hget(RedisLedger(client, run_id).key("meta"), "schedule")
     names = pipe.execute()
-    return {run_id: _text(name) for run_id, name in zip(run_ids, names, strict=True) if name}
+    return {run_id: text(name) for run_id, name in zip(run_ids, names, strict=True) if name}
 
 
 class Scheduler:
     """The loop of ``syncer schedule``.
 
     ``start_run()`` plans and enqueues one run and returns its ledger (it raises, or exits,
-    when it cannot); ``reap()`` is a reaper pass (a follower keeps its runs alive, like
-    ``plan --wait``). ``clock`` is wall time (periods are aligned on the epoch, and a suspended
-    machine must see the time it missed); ``poll`` the seconds between two looks at the
-    current run (default: a quarter period, at most 5 s).
+    when it cannot); ``reap()`` is called at every look at the current run (a follower keeps
+    its runs alive, like ``plan --wait``: :func:`workers.runs.planner_reaper` makes a pass
+    every ``SYNCER_REAP_INTERVAL`` seconds). ``clock`` is wall time (periods are aligned on
+    the epoch, and a suspended machine must see the time it missed); ``poll`` the seconds
+    between two looks at the current run (default: a quarter period, at most 5 s).
     """
 
     def __init__(
@@ -206,7 +199,6 @@ class Scheduler:
         start_run: Callable[[], RedisLedger],
         *,
         reap: Callable[[], object] | None = None,
-        reap_interval: float = 10.0,
         poll: float | None = None,
         clock: Callable[[], float] = time.time,
     ):
@@ -214,11 +206,9 @@ class Scheduler:
         self.every = every
         self.start_run = start_run
         self.reap = reap
-        self.reap_interval = reap_interval
         self.poll = poll if poll is not None else min(5.0, every / 4)
         self.clock = clock
         self.current: str = ""  # the run this scheduler started and follows
-        self._next_reap = 0.0
 
     def period_of(self, when: float) -> int:
         """The index of the period ``when`` falls in."""
@@ -260,7 +250,7 @@ class Scheduler:
         if not self.current:
             return
         try:
-            summary = RedisLedger(self.store.redis, self.current).summary()
+            summary = RedisLedger(self.store.redis, self.current).counts()
         except RunNotFound:
             self.current = ""
             return
@@ -271,8 +261,7 @@ class Scheduler:
                      summary.failed, summary.total)
             self.current = ""
             return
-        if self.reap is not None and time.monotonic() >= self._next_reap:
-            self._next_reap = time.monotonic() + self.reap_interval
+        if self.reap is not None:
             self.reap()
 
     def run(self, stop: threading.Event | None = None, *, sleep=time.sleep) -> None:
@@ -303,7 +292,7 @@ class Scheduler:
         if holder.startswith("planning:"):
             return "another scheduler is planning a run"
         try:
-            summary = RedisLedger(self.store.redis, holder).summary()
+            summary = RedisLedger(self.store.redis, holder).counts()
         except RunNotFound:
             return f"run {holder} is gone"
         return (f"run {holder} is still running ({summary.done}/{summary.total} images done, "
@@ -319,18 +308,18 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}"
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def listing(name: str | None, limit: int = 20) -> tuple[list[RunSummary], dict[str, str]]:
+def listing(
+    name: str | None, limit: int = 20, *, records: bool = True
+) -> tuple[list[RunSummary], dict[str, str]]:
     """For ``syncer status``: the recent runs (of schedule ``name``, if given) and which
-    schedule started each (``run id → name``)."""
+    schedule started each (``run id → name``). ``records``: full summaries (for ``--json``),
+    else counts only (the human listing)."""
     from workers.context import redis_client
     from workers.runs import recent_runs
 
     client = redis_client()
-    runs = ScheduleStore(client, name).runs(limit) if name else recent_runs(limit)
+    runs = (ScheduleStore(client, name).runs(limit, records=records) if name
+            else recent_runs(limit, records=records))
     return runs, schedule_names(client, [summary.run_id for summary in runs])
 
 

@@ -22,6 +22,9 @@ from workers.signing import signing_settings
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 QUEUE = "syncer"
+#: The one task's name (:func:`workers.tasks.sync_image`); Flower's process reads it too
+#: (:mod:`workers.flowerconfig`) without importing the task module.
+TASK_NAME = "syncer.sync_image"
 
 
 def broker_url() -> str:

@@ -23,17 +23,18 @@ from typing import TypeVar
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
-from syncer.plan.jobs import Job
 from syncer.registry.retry import RetryPolicy
 from syncer.run import metrics
 from syncer.run.attempt import attempt_job, describe_error
 from syncer.run.logsetup import failure_fields, pop_log_context, push_log_context
 from syncer.run.report import result_line
+from workers import hooks as _hooks  # noqa: F401  (connects the worker's liveness signals)
 from workers.app import app
 from workers.context import get_context
-from workers.hooks import TASK_NAME  # also connects the worker's liveness signals
-from workers.liveness import ActivityReporter, instance_id, let_go
+from workers.liveness import ActivityReporter, LivenessSettings, instance_id, let_go
+from workers.settings import TASK_NAME
 from workers.trust import enforce as enforce_allowlist
+from workers.trust import parse_job
 
 log = logging.getLogger("syncer.worker")
 T = TypeVar("T")
@@ -58,13 +59,6 @@ def durable(write: Callable[..., T], *args, **kwargs) -> T:
             delay = min(delay * 2, 5.0)
 
 
-def _job_id(job: dict) -> str:
-    try:
-        return Job.from_dict(job).id
-    except Exception:
-        return ""  # a malformed message: the allowlist check refuses it
-
-
 def _job_label(job: dict) -> str | None:
     """``src -> dst`` for the log lines (None for a malformed message)."""
     if isinstance(job, dict) and isinstance(job.get("source"), str):
@@ -81,16 +75,18 @@ def sync_image(self, run_id: str, job: dict, retries: int = 2) -> dict:
     """
     context = get_context()
     ledger = context.ledger(run_id)
-    holder, job_id = instance_id(), _job_id(job)
+    holder = instance_id()
+    received = parse_job(job)  # None for a malformed message: refused just below
+    job_id = received.id if received is not None else ""
     handed_to_retry = False
     attempt = self.request.retries + 1
     log_scope = push_log_context(run_id=run_id, image=_job_label(job), attempt=attempt)
     try:
-        enforce_allowlist(job, ledger, durable)  # workers/trust.py: refuse registries not trusted
-        parsed = Job.from_dict(job)
+        # workers/trust.py: refuse registries not trusted (and a malformed job)
+        parsed = enforce_allowlist(job, received, ledger, durable)
         verdict = durable(
             ledger.mark_running, parsed.id, self.request.hostname or "", holder=holder,
-            max_redeliveries=int(app.conf.get("syncer_max_redeliveries", 3)),
+            max_redeliveries=LivenessSettings.from_conf(app.conf).max_redeliveries,
         )
         if verdict.action == "final":
             log.info("%s: already final, duplicate message acknowledged", parsed.label)
@@ -106,9 +102,11 @@ def sync_image(self, run_id: str, job: dict, retries: int = 2) -> dict:
                         parsed.label, verdict.lost)
         # The copier enforces the limit itself: the threads pool ignores Celery's time limits.
         deadline = time.monotonic() + float(app.conf.task_soft_time_limit or 3600)
-        activity = ActivityReporter(ledger.add_activity)
         try:
-            result = attempt_job(context.copier, parsed, on_bytes=activity, deadline=deadline)
+            # Bytes in flight reach the ledger from the reporter's thread, not the stream's.
+            with ActivityReporter(ledger.add_activity) as activity:
+                result = attempt_job(context.copier, parsed, on_bytes=activity,
+                                     deadline=deadline)
         except SoftTimeLimitExceeded:
             reason = "time limit exceeded"
             durable(ledger.mark_failed, parsed.id, reason)
@@ -141,8 +139,6 @@ def sync_image(self, run_id: str, job: dict, retries: int = 2) -> dict:
             metrics.record_failure()
             log.error("failed %s: %s", parsed.label, reason, extra=failure_fields(exc, reason))
             raise ImageSyncFailed(reason) from None
-        finally:
-            activity.flush()
         durable(ledger.mark_done, parsed.id, result.to_dict())
         log.info("%s", result_line(result))
         return result.to_dict()

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from workers.redis_ledger import RedisLedger
 
 ALLOW_ANY = "*"
+INVALID_JOB = "refused: the task does not carry a valid job"
 ENV_ALLOWED = "SYNCER_ALLOWED_REGISTRIES"
 
 log = logging.getLogger("syncer.worker")
@@ -134,14 +135,29 @@ def allowed_from_env(environ: Mapping[str, str] = os.environ) -> list[str]:
     return [item.strip() for item in environ.get(ENV_ALLOWED, "").split(",") if item.strip()]
 
 
+def parse_job(job: Any) -> Job | None:
+    """The :class:`Job` of a task's job dict; None for a malformed (forged?) one."""
+    try:
+        return Job.from_dict(job)
+    except Exception:  # a forged message may carry anything
+        return None
+
+
 def refusal_reason(job: Any, allowlist: Allowlist) -> str | None:
     """Why a worker with ``allowlist`` must refuse ``job`` (a task's job dict), or None."""
+    return job_refusal(parse_job(job), allowlist)
+
+
+def job_refusal(parsed: Job | None, allowlist: Allowlist) -> str | None:
+    """Why a worker with ``allowlist`` must refuse the job ``parsed`` from a task's message
+    (:func:`parse_job`; None: the message carried no valid job), or None."""
+    if parsed is None:
+        return INVALID_JOB
     try:
-        parsed = Job.from_dict(job)
         sides = [("source", parse_reference(parsed.source)),
                  ("destination", parse_reference(parsed.destination))]
     except Exception:  # a forged message may carry anything: never echo it into the ledger
-        return "refused: the task does not carry a valid job"
+        return INVALID_JOB
     for role, ref in sides:
         if allowlist.allows(ref.registry, ref.repository):
             continue
@@ -198,19 +214,20 @@ def _shown(value: Any, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def enforce(job: Any, ledger: RedisLedger, write: Callable[..., Any] = _call) -> None:
-    """Refuse ``job`` of ``ledger``'s run unless this worker's allowlist allows both sides:
-    record it failed (if the run knows it), log it, raise :class:`TaskRefused`.
+def enforce(
+    job: Any, parsed: Job | None, ledger: RedisLedger, write: Callable[..., Any] = _call
+) -> Job:
+    """Refuse ``job`` (a task's job dict; ``parsed``: its :func:`parse_job`) of ``ledger``'s
+    run unless this worker's allowlist allows both sides: record it failed (if the run knows
+    it), log it, raise :class:`TaskRefused`. Returns the job when it is allowed.
 
     ``write(fn, *args)`` runs the ledger calls (the task passes its Redis-restart-tolerant one).
     """
-    reason = refusal_reason(job, worker_allowlist())
-    if reason is None:
-        return
-    try:
-        job_id = Job.from_dict(job).id
-    except Exception:
-        job_id = ""
+    reason = job_refusal(parsed, worker_allowlist())
+    if parsed is not None and reason is None:
+        return parsed
+    reason = reason or INVALID_JOB  # (never None here: a None job is refused)
+    job_id = parsed.id if parsed is not None else ""
     recorded = bool(job_id) and write(_belongs, ledger, job_id)
     if recorded:
         write(ledger.mark_failed, job_id, reason)

@@ -39,11 +39,10 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import requests
-import urllib3
 
+from syncer.registry.bounds import BODY_READ_ERRORS
 from syncer.registry.client import RegistryClient
 from syncer.registry.errors import IntegrityError, RegistryError, TimeLimitExceeded, TransportError
 from syncer.registry.retry import REQUEST_RETRIES, RetryPolicy, deadline_scope
@@ -54,7 +53,8 @@ log = logging.getLogger(__name__)
 #: Resumes of a broken source GET within one blob transfer (the shared in-place backoff).
 READ_RESUMES = dataclasses.replace(REQUEST_RETRIES, max_retries=5)
 #: Restarts of one blob (new upload session, new source GET) when a session cannot resume.
-BLOB_RESTARTS = dataclasses.replace(REQUEST_RETRIES, max_retries=5)
+#: A long ``Retry-After`` is waited out (capped) here, not deferred to the image layer.
+BLOB_RESTARTS = dataclasses.replace(REQUEST_RETRIES, max_retries=5, defer_long_retry_after=False)
 #: Error codes of a destination that no longer has (or never had) the session's bytes
 #: right: resuming is pointless, a new session is not.
 _SESSION_LOST_CODES = frozenset(
@@ -62,9 +62,6 @@ _SESSION_LOST_CODES = frozenset(
      "RANGE_INVALID"}
 )
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
-# Failures of a streamed body read: urllib3's ProtocolError (IncompleteRead, reset) and
-# ReadTimeoutError are HTTPErrors; a socket error can surface raw.
-_READ_ERRORS = (urllib3.exceptions.HTTPError, requests.RequestException, OSError)
 
 
 class BlobReader:
@@ -261,7 +258,7 @@ class BlobReader:
         assert self._stream is not None
         try:
             chunk = next(self._stream, b"")
-        except _READ_ERRORS as exc:
+        except BODY_READ_ERRORS as exc:
             self._resume(f"read failed after {self._wire} bytes: {type(exc).__name__}")
             return
         if not chunk:
@@ -358,18 +355,6 @@ class BlobReader:
         self._stream = None
 
 
-@dataclass
-class BlobTransfer:
-    """What moving one blob took."""
-
-    size: int
-    restarts: int = 0  # new upload sessions (and new source GETs) after the first
-    upload_resumes: int = 0  # PATCHes resumed from the session's status
-    read_resumes: int = 0  # source GETs resumed with Range
-    source_requests: int = 0
-    source_bytes: int = 0  # body bytes received from the source (all attempts)
-
-
 def copy_blob(
     src: RegistryClient,
     src_repository: str,
@@ -380,39 +365,33 @@ def copy_blob(
     *,
     on_bytes: Callable[[int], None] | None = None,
     deadline: float | None = None,
-    restarts: RetryPolicy | None = None,
-    reads: RetryPolicy | None = None,
-    sleep: Callable[[float], None] = time.sleep,
     session: UploadSession | None = None,
-) -> BlobTransfer:
-    """Stream blob ``digest`` from ``src`` to ``dst``, verified on every path.
+) -> int:
+    """Stream blob ``digest`` from ``src`` to ``dst``, verified on every path; its size.
 
     ``session`` is an upload session already open at the destination (the ``202`` of a
     mount POST): the first attempt uploads to it; a restart opens a new one.
     The upload resumes broken PATCHes from the session's status; a session that cannot go
-    on is aborted and the blob alone restarted (new session, new GET) up to
-    ``restarts.max_retries`` times (default :data:`BLOB_RESTARTS`; source GET resumes per
-    ``reads``, default :data:`READ_RESUMES`). Raises what is left: a source that keeps failing past
-    its resume budget, a permanent error (404 at the source, auth), or
-    :class:`TimeLimitExceeded` at ``deadline`` (a ``time.monotonic()`` value).
+    on is aborted and the blob alone restarted (new session, new GET) per
+    :data:`BLOB_RESTARTS` (source GET resumes per :data:`READ_RESUMES`; both read when the
+    copy starts). Raises what is left: a source that keeps failing past its resume budget,
+    a permanent error (404 at the source, auth), or :class:`TimeLimitExceeded` at
+    ``deadline`` (a ``time.monotonic()`` value; the reader checks it before every chunk).
     """
-    restarts = restarts or BLOB_RESTARTS
+    restarts = BLOB_RESTARTS
     with deadline_scope(deadline):
         reader = BlobReader(
-            src, src_repository, digest, size, policy=reads or READ_RESUMES, deadline=deadline,
-            on_bytes=on_bytes, sleep=sleep,
+            src, src_repository, digest, size, policy=READ_RESUMES, deadline=deadline,
+            on_bytes=on_bytes,
         )
-        transfer = BlobTransfer(size)
-        read_resumes = 0
+        done = 0  # restarts so far
         try:
             while True:
                 try:
-                    transfer.size = reader.ensure_size()
+                    size = reader.ensure_size()
                     opened, session = session, None  # a restart starts a new session
-                    transfer.upload_resumes += dst.upload_blob(
-                        dst_repository, digest, reader, opened
-                    )
-                    return transfer
+                    dst.upload_blob(dst_repository, digest, reader, opened)
+                    return size
                 except Exception as exc:
                     if session is not None:  # failed before the upload took the session
                         dst.uploads.abort(dst_repository, session.location)
@@ -423,23 +402,22 @@ def copy_blob(
                         _reraise(cause, exc)
                     if not from_source and dst.blob_exists(dst_repository, digest):
                         # The final PUT went through but its answer was lost.
-                        return transfer
-                    wait = _restart_delay(restarts, transfer.restarts, cause, deadline)
+                        return size
+                    # Session-lost errors are permanent for a request but not for a new
+                    # session (_restartable decided): no transient test here.
+                    wait = restarts.next_delay(done, cause, deadline=deadline,
+                                               transient_only=False)
                     if wait is None:
                         _reraise(cause, exc)
-                    transfer.restarts += 1
+                    done += 1
                     log.warning(
                         "blob %s to %s/%s: %s; restarting it in %.2fs (%d/%d)",
                         digest[:19], dst.registry, dst_repository, cause, wait,
-                        transfer.restarts, restarts.max_retries,
+                        done, restarts.max_retries,
                     )
-                    sleep(wait)
-                    read_resumes += reader.resumes
+                    time.sleep(wait)
                     reader.restart()
         finally:
-            transfer.read_resumes = read_resumes + reader.resumes
-            transfer.source_requests = reader.requests
-            transfer.source_bytes = reader.fetched
             reader.close()
 
 
@@ -454,20 +432,6 @@ def _restartable(cause: BaseException, from_source: bool) -> bool:
     # A bare 404 is not taken as a lost session: a missing repository or project would
     # only be asked again (distribution names the code: BLOB_UPLOAD_UNKNOWN/INVALID).
     return cause.transient or cause.status == 416 or bool(_SESSION_LOST_CODES & set(cause.codes))
-
-
-def _restart_delay(
-    policy: RetryPolicy, done: int, cause: BaseException, deadline: float | None
-) -> float | None:
-    """The backoff before restart ``done + 1``; None when the budget or the deadline is
-    spent. (Session-lost errors are permanent for a request but not for a new session,
-    so :meth:`RetryPolicy.next_delay`'s transient test does not apply here.)"""
-    if done >= policy.max_retries:
-        return None
-    wait = policy.delay(done, cause)
-    if deadline is not None and time.monotonic() + wait > deadline:
-        return None
-    return wait
 
 
 def _reraise(cause: BaseException, surfaced: BaseException):

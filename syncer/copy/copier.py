@@ -26,7 +26,6 @@ from syncer.copy.coordinator import (
     PresenceCache,
     manifest_key,
 )
-from syncer.copy.platforms import filter_index as filter_index  # re-exported (moved there)
 from syncer.copy.platforms import filter_tree
 from syncer.copy.referrers import ReferrerFollower
 from syncer.registry import observe
@@ -92,7 +91,9 @@ class _Tally:
                  deadline: float | None = None):
         self.result = result
         self._lock = threading.Lock()
-        self._on_bytes = on_bytes
+        #: Called with the length of every blob chunk pushed (progress). The blob reader
+        #: checks the deadline before each chunk, so this need not.
+        self.on_bytes = on_bytes
         self._deadline = deadline
         # Manifests a platform filter made (filtered nested indexes): pushed from here, since
         # the source does not hold them (syncer.copy.platforms).
@@ -114,11 +115,6 @@ class _Tally:
                 setattr(self.result, name, getattr(self.result, name) + value)
         if observe.observer is not None:  # metrics: the work as it happens
             observe.observer.work(counts)
-
-    def bytes_moved(self, count: int) -> None:
-        self.check_deadline()
-        if self._on_bytes is not None:
-            self._on_bytes(count)
 
 
 class ImageCopier:
@@ -161,12 +157,14 @@ class ImageCopier:
         request-level retry waits past it.
         """
         with deadline_scope(deadline):
-            result = self._copy(source, destination, platforms, force, on_bytes, deadline)
+            result = CopyResult(str(source), str(destination))
+            tally = _Tally(result, on_bytes, deadline)
+            source_digest = self._copy(source, destination, platforms, force, tally)
             policy = referrers if referrers is not None else ReferrerPolicy()
             if policy.enabled:
                 self.referrer_follower.follow(
-                    self, source, destination, result, platforms=platforms or PlatformFilter(),
-                    policy=policy, tally=_Tally(result, on_bytes, deadline), force=force,
+                    self, source, destination, result, source_digest=source_digest,
+                    policy=policy, tally=tally, force=force,
                 )
             return result
 
@@ -179,12 +177,13 @@ class ImageCopier:
                 self._copy_tree(src, source, dst, destination, manifest, pool, tally)
             self._push_manifest(src, source, dst, destination, manifest, reference, pool, tally)
 
-    def _copy(self, source, destination, platforms, force, on_bytes, deadline) -> CopyResult:
+    def _copy(self, source, destination, platforms, force, tally: _Tally) -> str:
+        """Copy the image into ``tally.result``; return the source's digest as read (before
+        a platform filter: the one its referrers name)."""
         platforms = platforms or PlatformFilter()
         src = self.registries.client(source.registry)
         dst = self.registries.client(destination.registry)
-        result = CopyResult(str(source), str(destination))
-        tally = _Tally(result, on_bytes, deadline)
+        result = tally.result
 
         if platforms.is_empty:
             # Fewest requests: the destination first. Absent (a fresh image): GET the source
@@ -201,20 +200,22 @@ class ImageCopier:
                     raise _not_found(source)
             if present is not None and present == wanted:
                 result.digest, result.status = present, "skipped"
-                return result
+                return present
             try:
                 top = src.get_manifest(source.repository, wanted or source.identifier)
             except NotFoundError:
                 raise _not_found(source) from None
+            source_digest = top.digest
         else:
             top = src.get_manifest(source.repository, source.identifier)
             filtered = filter_tree(top, platforms,
                                    lambda digest: src.get_manifest(source.repository, digest))
             top, tally.rewritten = filtered.top, filtered.rewritten
+            source_digest = filtered.source_digest
             present = dst.manifest_digest(destination.repository, destination.identifier)
             if present == top.digest and not force:
                 result.digest, result.status = top.digest, "skipped"
-                return result
+                return source_digest
 
         with ThreadPoolExecutor(self.blob_workers, thread_name_prefix="blob") as pool:
             self._copy_tree(src, source, dst, destination, top, pool, tally)
@@ -222,7 +223,7 @@ class ImageCopier:
                 src, source, dst, destination, top, destination.tag or top.digest, pool, tally
             )
         result.digest = top.digest
-        return result
+        return source_digest
 
     def _push_manifest(
         self, src, source, dst, destination, manifest: Manifest, reference: str, pool, tally
@@ -358,9 +359,7 @@ class ImageCopier:
                 return
         # Another copy is still placing this digest on this registry (a long upload, maybe to
         # another repository): if it is here already, do not wait behind it.
-        if dst.blob_exists(dst_repo, digest):
-            tally.add(blobs_existing=1)
-            self._confirmed(registry, dst_repo, digest)
+        if self._blob_here(dst, dst_repo, digest, tally):
             return
         with self.coordinator.lock(registry, digest, deadline=tally.deadline):
             if not rechecking and self._known(registry, dst_repo, digest):
@@ -372,15 +371,20 @@ class ImageCopier:
     def _place_blob(self, src, src_repo, dst, dst_repo, digest, size, tally, *, check) -> None:
         """Under the blob's lock: check (``check``: a HEAD first), mount or upload it."""
         registry = dst.registry
-        holders = self.coordinator.holders(registry, digest)
-        # A holder list naming dst_repo is another worker's word (or a past run's): a HEAD
-        # confirms it without writing anything.
-        if check or dst_repo in holders:
-            if dst.blob_exists(dst_repo, digest):
-                tally.add(blobs_existing=1)
-                self._confirmed(registry, dst_repo, digest)
+        # With ``check``, the HEAD comes first: a blob already here needs no holder list (one
+        # Redis round trip fewer per present blob, distributed). Without it, a holder list
+        # naming dst_repo is another worker's word (or a past run's): a HEAD confirms it
+        # without writing anything.
+        if check:
+            if self._blob_here(dst, dst_repo, digest, tally):
                 return
-            check = True
+            holders = self.coordinator.holders(registry, digest)
+        else:
+            holders = self.coordinator.holders(registry, digest)
+            if dst_repo in holders:
+                if self._blob_here(dst, dst_repo, digest, tally):
+                    return
+                check = True
         candidates = [h for h in holders if h != dst_repo]
         if src.registry == registry and src_repo != dst_repo and src_repo not in candidates:
             candidates.append(src_repo)
@@ -409,6 +413,15 @@ class ImageCopier:
         dst.probe_mount(dst_repo, digest)
         self._confirmed(registry, dst_repo, digest)
 
+    def _blob_here(self, dst: RegistryClient, repository: str, digest: str, tally: _Tally
+                   ) -> bool:
+        """One HEAD: whether ``digest`` is in ``repository`` (counted and remembered if so)."""
+        if not dst.blob_exists(repository, digest):
+            return False
+        tally.add(blobs_existing=1)
+        self._confirmed(dst.registry, repository, digest)
+        return True
+
     def _known(self, registry: str, repository: str, digest: str) -> bool:
         """Confirmed lately by this process, or (distributed) by another worker."""
         if self.presence.known(registry, repository, digest):
@@ -429,11 +442,11 @@ class ImageCopier:
         """Stream one blob across, verified, resumed and restarted as needed
         (:func:`syncer.copy.blobstream.copy_blob`), into ``session`` when one is open;
         progress is reported per chunk pushed."""
-        transfer = copy_blob(
+        moved = copy_blob(
             src, src_repo, dst, dst_repo, digest, size,
-            on_bytes=tally.bytes_moved, deadline=tally.deadline, session=session,
+            on_bytes=tally.on_bytes, deadline=tally.deadline, session=session,
         )
-        tally.add(bytes_copied=transfer.size)
+        tally.add(bytes_copied=moved)
 
 
 def _try_start(dst: RegistryClient, repository: str, digest: str, holder: str):

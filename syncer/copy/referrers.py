@@ -52,7 +52,6 @@ from syncer.registry.client import Manifest, RegistryClient, sha256_digest
 from syncer.registry.errors import NotFoundError, RegistryError
 from syncer.registry.mediatypes import (
     OCI_INDEX,
-    PlatformFilter,
     artifact_type,
     child_descriptors,
     parse_manifest,
@@ -66,6 +65,7 @@ from syncer.registry.referrers import (
     fetch_referrers,
     referrer_tags,
 )
+from syncer.registry.singleflight import SingleFlight
 
 if TYPE_CHECKING:
     from syncer.copy.copier import CopyResult, ImageCopier
@@ -120,31 +120,28 @@ class ReferrerFollower:
         # Single flight: the first images of a run (8 threads at once) would otherwise all
         # probe the API of the same registry and all list the same repository's tags.
         self._probed: set[str] = set()
-        self._flights: dict[object, threading.Lock] = {}
-
-    def _flight(self, key: object) -> threading.Lock:
-        """The lock that lets one thread at a time do the work behind ``key``."""
-        with self._lock:
-            return self._flights.setdefault(key, threading.Lock())
+        self._flights: SingleFlight[tuple[str, ...]] = SingleFlight()
 
     # -- entry point -------------------------------------------------------------------------
 
     def follow(self, copier: ImageCopier, source: Reference, destination: Reference,
-               result: CopyResult, *, platforms: PlatformFilter, policy: ReferrerPolicy,
+               result: CopyResult, *, source_digest: str, policy: ReferrerPolicy,
                tally: Any, force: bool = False) -> int:
         """Copy the referrers of the image ``result`` describes; return how many referrer
-        manifests were pushed (also added to ``result.referrers_copied``)."""
+        manifests were pushed (also added to ``result.referrers_copied``).
+
+        ``source_digest`` is the source image's digest as read, before any platform filter:
+        when the filter made a new index (``result.digest`` differs), the source's referrers
+        name the original and do not travel."""
         if not policy.enabled or policy.depth < 1 or not result.digest:
+            return 0
+        subject = result.digest
+        if source_digest != subject:
+            log.info("%s: the platform filter made a new index; its referrers (which name "
+                     "%s) are not copied", source, source_digest)
             return 0
         src = copier.registries.client(source.registry)
         dst = copier.registries.client(destination.registry)
-        subject = result.digest
-        if not platforms.is_empty:
-            original = src.manifest_digest(source.repository, source.identifier)
-            if original != subject:
-                log.info("%s: the platform filter made a new index; its referrers (which name "
-                         "%s) are not copied", source, original)
-                return 0
         walk = _Walk(copier, src, source, dst, destination, policy, tally, force)
         self._follow(walk, subject, depth=1)
         if walk.pushed:
@@ -237,7 +234,7 @@ class ReferrerFollower:
             probed = client.registry in self._probed
         if probed:
             return self._fetch_api_list(client, repository, subject)
-        with self._flight(("api", client.registry)):  # the first answer decides for all
+        with self._flights.lock(("api", client.registry)):  # the first answer decides for all
             if self._known_without_api(client.registry):
                 return None
             listed = self._fetch_api_list(client, repository, subject)
@@ -266,7 +263,7 @@ class ReferrerFollower:
         if walk.tags is not None:
             return walk.tags
         key = (walk.src.registry, walk.source.repository)
-        with self._flight(("tags", *key)):  # one listing per repository at a time
+        with self._flights.lock(("tags", *key)):  # one listing per repository at a time
             with self._lock:
                 cached = self._listings.get(key)
                 if cached is not None and self._clock() < cached[0]:

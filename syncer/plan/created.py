@@ -30,21 +30,20 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import requests
-import urllib3
-
+from syncer.registry.bounds import BODY_READ_ERRORS, read_manifest_body
 from syncer.registry.client import Manifest, RegistryClient
 from syncer.registry.errors import IntegrityError, TransportError, UnsupportedManifestError
-from syncer.registry.mediatypes import INDEXES
+from syncer.registry.mediatypes import INDEXES, child_descriptors, parse_manifest
 from syncer.registry.retry import REQUEST_RETRIES, current_deadline
+from syncer.registry.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
 #: Image configs are a few KiB; anything past this is not an image config worth parsing.
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 _CACHE_LIMIT = 50_000
-_READ_ERRORS = (urllib3.exceptions.HTTPError, requests.RequestException, OSError)
 _FRACTION_RE = re.compile(r"(\.\d{6})\d+")
+
 
 class _Memo:
     """A process-wide, single-flight memo of created times by digest.
@@ -56,15 +55,15 @@ class _Memo:
 
     def __init__(self) -> None:
         self._values: dict[str, datetime | None] = {}
-        self._flights: dict[str, threading.Lock] = {}
+        self._flights: SingleFlight[str] = SingleFlight()
         self._lock = threading.Lock()
 
     def get(self, digest: str, compute: Callable[[], datetime | None]) -> datetime | None:
+        """The time remembered for ``digest``, else ``compute()``'s (one thread computes)."""
         with self._lock:
             if digest in self._values:
                 return self._values[digest]
-            flight = self._flights.setdefault(digest, threading.Lock())
-        with flight:
+        with self._flights.lock(digest):
             with self._lock:
                 if digest in self._values:
                     return self._values[digest]
@@ -73,7 +72,6 @@ class _Memo:
                 if len(self._values) >= _CACHE_LIMIT:
                     self._values.clear()
                 self._values[digest] = value
-                self._flights.pop(digest, None)
             return value
 
 
@@ -97,35 +95,32 @@ def _manifest_created(
     client: RegistryClient, repository: str, manifest: Manifest
 ) -> datetime | None:
     """The created time of a fetched manifest: its config's, or its representative child's."""
-    try:
-        doc = json.loads(manifest.body)
-        if manifest.media_type in INDEXES:
-            child = _representative_child(doc)
-            if child is None:
-                return None
+    doc = parse_manifest(manifest.body)  # {} when not JSON: nothing to read a time from
+    if manifest.media_type in INDEXES:
+        child = _representative_child(doc)
+        if child is None:
+            return None
+        try:
             return _memo.get(
                 child,
                 lambda: _manifest_created(client, repository, client.get_manifest(repository,
                                                                                    child)),
             )
-    except UnsupportedManifestError:
-        return None
-    except ValueError:  # not JSON: nothing to read a time from
-        return None
-    config = doc.get("config") if isinstance(doc, dict) else None
+        except UnsupportedManifestError:
+            return None
+    config = doc.get("config")
     digest = config.get("digest") if isinstance(config, dict) else None
     if not isinstance(digest, str) or not digest.startswith("sha256:"):
         return None
     return _memo.get(digest, lambda: _parse_created(_read_config(client, repository, digest)))
 
 
-def _representative_child(index: object) -> str | None:
+def _representative_child(index: dict) -> str | None:
     """The digest of the index entry whose build time stands for the index."""
-    entries = index.get("manifests") if isinstance(index, dict) else None
-    if not isinstance(entries, list):
-        return None
-    for entry in entries:
-        if not isinstance(entry, dict) or not isinstance(entry.get("digest"), str):
+    if not isinstance(index.get("manifests"), list):
+        return None  # malformed: child_descriptors would iterate whatever it is
+    for entry in child_descriptors(index):
+        if not isinstance(entry["digest"], str):
             continue
         platform = entry.get("platform")
         if isinstance(platform, dict) and platform.get("os") not in (None, "", "unknown"):
@@ -139,30 +134,29 @@ def _read_config(client: RegistryClient, repository: str, digest: str) -> bytes 
     A body cut short or corrupted is fetched again under the request policy; the GET itself
     was already retried in place by the transport, so only the body read is retried here.
     """
+    what = f"get config {digest[:19]}"
     retries_done = 0
     while True:
         response = client.open_blob(repository, digest)
-        try:
-            body = bytearray()
-            for chunk in response.iter_content(64 * 1024):
-                body += chunk
-                if len(body) > MAX_CONFIG_BYTES:
-                    log.warning("%s: config %s is over %d bytes: created time not read",
-                                repository, digest[:19], MAX_CONFIG_BYTES)
-                    return None
-            if "sha256:" + hashlib.sha256(body).hexdigest() == digest:
-                return bytes(body)
-            failure: Exception = IntegrityError(
-                f"get config {digest[:19]}: body does not match its digest",
-                registry=client.registry,
-            )
-        except _READ_ERRORS as exc:
+        failure: Exception
+        try:  # read_manifest_body closes the response
+            body = read_manifest_body(response, what, client.registry, limit=MAX_CONFIG_BYTES)
+        except UnsupportedManifestError:  # over the bound
+            log.warning("%s: config %s is over %d bytes: created time not read",
+                        repository, digest[:19], MAX_CONFIG_BYTES)
+            return None
+        except IntegrityError as exc:  # cut short of its Content-Length
+            failure = exc
+        except BODY_READ_ERRORS as exc:
             failure = TransportError(
-                f"get config {digest[:19]}: body cut short ({type(exc).__name__})",
-                registry=client.registry,
+                f"{what}: body cut short ({type(exc).__name__})", registry=client.registry
             )
-        finally:
-            response.close()
+        else:
+            if "sha256:" + hashlib.sha256(body).hexdigest() == digest:
+                return body
+            failure = IntegrityError(
+                f"{what}: body does not match its digest", registry=client.registry
+            )
         wait = REQUEST_RETRIES.next_delay(retries_done, failure, deadline=current_deadline())
         if wait is None:
             raise failure

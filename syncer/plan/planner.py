@@ -27,6 +27,7 @@ tag), not a job.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import re
@@ -134,6 +135,12 @@ class _Builder:
     def __init__(self, platforms: PlatformFilter, force: bool,
                  referrers: ReferrerPolicy = ReferrerPolicy()):  # noqa: B008 - frozen
         self.platforms, self.force, self.referrers = platforms, force, referrers
+        # The policy per rule switch (None: the command line's), built once, not per job.
+        self._policies: dict[bool | None, ReferrerPolicy] = {
+            None: referrers,
+            referrers.enabled: referrers,
+            not referrers.enabled: replace(referrers, enabled=not referrers.enabled),
+        }
         self.plan = Plan()
         self._pairs: set[tuple[str, str]] = set()
         self._owner: dict[str, str] = {}
@@ -148,10 +155,9 @@ class _Builder:
             return
         self._pairs.add((source, destination))
         self._owner[destination] = source
-        policy = self.referrers
-        if referrers is not None and referrers != policy.enabled:
-            policy = replace(policy, enabled=referrers)
-        self.plan.jobs.append(Job(source, destination, self.platforms, self.force, policy))
+        self.plan.jobs.append(
+            Job(source, destination, self.platforms, self.force, self._policies[referrers])
+        )
 
     def fail(self, source: str, destination: str, reason: str) -> None:
         if (source, destination) in self._pairs:
@@ -327,10 +333,11 @@ def _unit_jobs(
         except ValueError as exc:
             builder.fail(unit.label, "", str(exc))
     selector = unit.rule.selector
+    source = str(unit.source)
     if selector.kind == "digest":
         for dest, repo in targets:
             target = f"{repo}:{dest.tags[0]}" if dest.tags else f"{repo}@{selector.digest}"
-            builder.job(f"{unit.source}@{selector.digest}", target, unit.rule.referrers)
+            builder.job(f"{source}@{selector.digest}", target, unit.rule.referrers)
         return
     if isinstance(listed, Exception):
         reason = _reason(listed)
@@ -340,14 +347,15 @@ def _unit_jobs(
             builder.fail(unit.label, str(repo), reason)
         return
     tags = select_tags(selector, []) if listed is None else listed
+    named = [(dest, str(repo)) for dest, repo in targets]  # rendered once, not per tag
     for index, tag in enumerate(tags):
         if not TAG_RE.match(tag):
-            for _, repo in targets:
+            for _, repo_text in named:
                 reason = f"registry listed invalid tag {tag!r}"
-                builder.fail(f"{unit.source}:{tag}", str(repo), reason)
+                builder.fail(f"{source}:{tag}", repo_text, reason)
             continue
-        for dest, repo in targets:
-            builder.job(f"{unit.source}:{tag}", f"{repo}:{dest.tags[index] if dest.tags else tag}",
+        for dest, repo_text in named:
+            builder.job(f"{source}:{tag}", f"{repo_text}:{dest.tags[index] if dest.tags else tag}",
                         unit.rule.referrers)
 
 
@@ -357,7 +365,11 @@ def _parallel(calls: dict[K, Callable[[], T]], parallelism: int) -> dict[K, T | 
         return {}
     results: dict[K, T | Exception] = {}
     with ThreadPoolExecutor(max_workers=max(1, min(parallelism, len(calls)))) as pool:
-        futures = {key: pool.submit(call) for key, call in calls.items()}
+        # Each call runs in a copy of the caller's context, so the log context (and any
+        # deadline) follows it into the pool's thread, as in syncer.copy.copier.
+        futures = {
+            key: pool.submit(contextvars.copy_context().run, call) for key, call in calls.items()
+        }
         for key, future in futures.items():
             try:
                 results[key] = future.result()

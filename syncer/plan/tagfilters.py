@@ -125,9 +125,10 @@ def parse_version(tag: str) -> semantic_version.Version | None:
         return None
 
 
-def _version_key(tag: str) -> tuple[semantic_version.Version, int, str]:
+def _version_key(
+    tag: str, version: semantic_version.Version | None
+) -> tuple[semantic_version.Version, int, str]:
     """Sort key of a version tag: the version, then how many components it spells, then text."""
-    version = parse_version(tag)
     assert version is not None
     core = tag.lstrip("v").split("-", 1)[0]
     return version, core.count(".") + 1, tag
@@ -181,18 +182,24 @@ def filter_tags(filters: TagFilters, tags: Sequence[str]) -> TagSelection:
         before = len(kept)
         kept = [tag for tag in kept if not any(p.search(tag) for p in patterns)]
         selection.excluded = before - len(kept)
+    by_semver = filters.latest is not None and filters.sort == "semver"
+    # Each tag's version is parsed once, shared by the range, the latest filter and its sort.
+    versions = {tag: parse_version(tag) for tag in kept} if filters.semver or by_semver else {}
+
+    def version_key(tag: str) -> tuple[semantic_version.Version, int, str]:
+        return _version_key(tag, versions[tag])
+
     if filters.semver:
         spec = parse_range(filters.semver)
-        versions = [(tag, parse_version(tag)) for tag in kept]
-        selection.not_versions = sum(1 for _, version in versions if version is None)
-        kept = [tag for tag, version in versions if version is not None]
+        selection.not_versions = sum(1 for tag in kept if versions[tag] is None)
+        kept = [tag for tag in kept if versions[tag] is not None]
         before = len(kept)
-        kept = [tag for tag, version in versions if version is not None and spec.match(version)]
+        kept = [tag for tag in kept if spec.match(versions[tag])]
         selection.outside_range = before - len(kept)
-    if filters.latest is not None and filters.sort == "semver":
-        versions_only = [tag for tag in kept if parse_version(tag) is not None]
+    if filters.latest is not None and by_semver:
+        versions_only = [tag for tag in kept if versions[tag] is not None]
         selection.not_versions += len(kept) - len(versions_only)
-        newest = set(sorted(versions_only, key=_version_key, reverse=True)[: filters.latest])
+        newest = set(sorted(versions_only, key=version_key, reverse=True)[: filters.latest])
         selection.beyond_latest = len(versions_only) - len(newest)
         kept = [tag for tag in versions_only if tag in newest]
     selection.tags = kept

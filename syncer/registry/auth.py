@@ -20,8 +20,9 @@ scopes at once (a run starting, a token expiring), one fetches it under a lock p
 and the others wait for it and use it. A fetch is retried in place under
 :data:`~syncer.registry.retry.REQUEST_RETRIES`; a 429 from the token server becomes a
 :class:`~syncer.registry.errors.RateLimitedError` carrying its ``Retry-After`` and pauses the
-token server's host in the shared :class:`~syncer.registry.hostgate.Gate`. Messages name status
-codes only: no credential, token or refresh token ever reaches an exception or a log line.
+token server's host in the shared :class:`~syncer.registry.hostgate.Gate` (the registry's rule:
+:func:`~syncer.registry.hostgate.pause_after`). Messages name status codes only: no
+credential, token or refresh token ever reaches an exception or a log line.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from syncer.registry.errors import (
     ServerError,
     TransportError,
 )
-from syncer.registry.hostgate import DEFAULT_RATE_LIMIT_PAUSE, Gate, HostGate
+from syncer.registry.hostgate import Gate, HostGate, pause_after
 from syncer.registry.reference import api_host
 from syncer.registry.retry import (
     REQUEST_RETRIES,
@@ -52,6 +53,7 @@ from syncer.registry.retry import (
     current_deadline,
     parse_retry_after,
 )
+from syncer.registry.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +139,7 @@ class Authenticator:
         self._tokens = TokenCache()
         self._scheme: str | None = None  # learnt from the first challenge
         self._bearer_params: dict[str, str] = {}
-        self._flights: dict[tuple[str, ...], threading.Lock] = {}
-        self._flights_lock = threading.Lock()
+        self._flights: SingleFlight[tuple[str, ...]] = SingleFlight()
 
     def header_for(self, scopes: tuple[str, ...], credentials: Credentials) -> str | None:
         """The Authorization header to send up front, if any is known to be wanted.
@@ -189,13 +190,6 @@ class Authenticator:
         self._bearer_params = {k: v for k, v in challenge.params.items() if k != "scope"}
         return f"Bearer {self._token(challenge.params, scopes, credentials, rejected)}"
 
-    def _flight(self, scopes: tuple[str, ...]) -> threading.Lock:
-        with self._flights_lock:
-            lock = self._flights.get(scopes)
-            if lock is None:
-                lock = self._flights[scopes] = threading.Lock()
-            return lock
-
     def _token(
         self,
         params: dict[str, str],
@@ -204,7 +198,7 @@ class Authenticator:
         rejected: str | None = None,
     ) -> str:
         """A token for ``scopes``: cached, or fetched by exactly one thread at a time."""
-        with self._flight(scopes):
+        with self._flights.lock(scopes):
             cached = self._tokens.get(scopes)
             if cached is not None and f"Bearer {cached}" != rejected:
                 return cached  # another thread fetched it while we waited
@@ -290,16 +284,15 @@ class Authenticator:
                 status=status,
             )
         asked = parse_retry_after(response.headers.get("Retry-After"))
+        # A rate-limited (or overloaded) token server: every thread holds back, as for the
+        # registry itself.
+        pause_after(self._gate, realm_host, status, asked)
         if status == 429:
-            # The token server is rate limiting this client: every thread holds back.
-            self._gate.pause(realm_host, asked if asked is not None else DEFAULT_RATE_LIMIT_PAUSE)
             raise RateLimitedError(
                 "token server answered HTTP 429", registry=self.registry, status=429,
                 retry_after=asked,
             )
         if status >= 500 or status == 408:
-            if asked is not None:
-                self._gate.pause(realm_host, asked)
             raise ServerError(
                 f"token server answered HTTP {status}",
                 registry=self.registry,

@@ -20,12 +20,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import requests
+import urllib3
 
 from syncer.registry.errors import IntegrityError, RegistryError, UnsupportedManifestError
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_TAGS = 100_000
 _READ_CHUNK = 64 * 1024
+#: Failures of a streamed body read: urllib3's ProtocolError (IncompleteRead, reset) and
+#: ReadTimeoutError are HTTPErrors, requests wraps some of them, a socket error can surface raw.
+BODY_READ_ERRORS = (urllib3.exceptions.HTTPError, requests.RequestException, OSError)
 
 
 def read_manifest_body(

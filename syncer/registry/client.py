@@ -41,6 +41,7 @@ from syncer.registry.transport import DEFAULT_TIMEOUT, Transport
 from syncer.registry.uploads import BlobUploads, UploadSession, UploadSource, UploadStart
 
 log = logging.getLogger(__name__)
+# RFC 8288 Link header, as the spec pages tags/catalog/referrers: `<url>; rel="next"`.
 _LINK_RE = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 _PAGE_SIZE = 1000
 #: Blobs placed on a registry before :meth:`RegistryClient.probe_mount` asks its question.
@@ -109,8 +110,14 @@ class RegistryClient:
                     f"{what}: response is not JSON", registry=self.registry
                 ) from None
             yield from body.get(key) or []
-            match = _LINK_RE.search(response.headers.get("Link", ""))
-            url = urljoin(self.transport.base_url + path, match.group(1)) if match else ""
+            url = self.next_page(response, path)
+
+    def next_page(self, response: requests.Response, path: str) -> str:
+        """The URL of the page after ``response`` (a page of ``path``): its ``Link: <...>;
+        rel="next"`` resolved against the registry (it is usually relative), or ``""`` at the
+        end. For every paged list: tags, catalog, referrers."""
+        match = _LINK_RE.search(response.headers.get("Link", ""))
+        return urljoin(self.transport.base_url + path, match.group(1)) if match else ""
 
     def list_tags(self, repository: str) -> list[str]:
         """Every tag of ``repository``, following pagination (refused past
@@ -305,16 +312,14 @@ class RegistryClient:
             if self.mount_answers_presence is not None:
                 return
             try:
-                started = self.uploads.start(repository, digest, mount_from=repository)
+                mounted = self.mount_blob(repository, digest, from_repository=repository)
             except RegistryError as exc:
                 if not exc.transient:
                     self.mount_answers_presence = False
                 return
-            if started.session is not None:
-                self.uploads.abort(repository, started.session.location)
-            self.mount_answers_presence = started.mounted
+            self.mount_answers_presence = mounted
             log.info("%s: a mount %s answer whether a blob is there", self.registry,
-                     "can" if started.mounted else "cannot")
+                     "can" if mounted else "cannot")
         finally:
             self._probing.release()
 

@@ -10,14 +10,17 @@ nothing for the registry), else anonymous. A configured helper that is missing o
 error (:class:`~syncer.registry.credhelpers.CredentialHelperError`), as it is for docker.
 
 Secrets never leave this module in printable form: :class:`Credentials` hides them in
-``repr`` so a log line or traceback that shows one prints ``***``.
+``repr`` so a log line or traceback that shows one prints ``***``, and :func:`mask_secrets` is
+the one rule that masks known secrets in free text (registry error messages, log lines).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +29,19 @@ from syncer.registry.reference import normalize_registry
 
 # docker login stores Docker Hub credentials under this legacy key.
 _DOCKER_HUB_CONFIG_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io")
+#: Shorter secrets are not masked: replacing every "ab" of a text would mangle it and hide
+#: nothing worth hiding.
+MIN_SECRET_LENGTH = 3
+MASK = "***"
+
+
+def mask_secrets(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret of at least :data:`MIN_SECRET_LENGTH` characters replaced
+    by ``***``, longest first (so a secret that contains another is masked whole)."""
+    ordered = sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+    for secret in ordered:
+        text = text.replace(secret, MASK)
+    return text
 
 
 @dataclass(frozen=True)
@@ -98,6 +114,10 @@ class CredentialStore:
             config.creds_store, config.cred_helpers, config_path=config.path,
             timeout=helper_timeout,
         )
+        # (helper cache version, secrets): rebuilt only when a helper's answers change.
+        # Two threads may rebuild at once: harmless, each result is tagged with the version
+        # read before it was built, so a tuple is never taken for newer than it is.
+        self._secrets: tuple[int, tuple[str, ...]] | None = None
 
     def entry_for(self, registry: str, repository: str = "") -> AuthEntry:
         """The settings for ``registry/repository``: longest matching auth-file prefix, with
@@ -113,7 +133,7 @@ class CredentialStore:
         if not entry.credentials:
             docker = self._docker_credentials(registry)
             if docker:
-                entry = AuthEntry(entry.prefix, docker, entry.insecure, entry.ca_file)
+                entry = dataclasses.replace(entry, credentials=docker)
         return entry
 
     def _docker_credentials(self, registry: str) -> Credentials | None:
@@ -148,14 +168,25 @@ class CredentialStore:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """Every secret this store knows, for scrubbing log text."""
+        """Every secret this store knows, for scrubbing log text.
+
+        The same tuple is returned until a credential helper's answers change (the auth file
+        and config.json entries are fixed at construction): this is asked for every log
+        record and every error response.
+        """
+        version = self._helpers.version
+        cached = self._secrets
+        if cached is not None and cached[0] == version:
+            return cached[1]
         found: list[str] = []
         for entry in self._entries:
             found.extend(entry.credentials.secrets)
         for creds in self._docker_auths.values():
             found.extend(creds.secrets)
         found.extend(self._helpers.secrets)  # what credential helpers answered so far
-        return tuple(found)
+        secrets = tuple(found)
+        self._secrets = (version, secrets)
+        return secrets
 
 
 def docker_config_path() -> Path:

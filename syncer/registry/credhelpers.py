@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 
 from syncer.registry.errors import AuthenticationError
+from syncer.registry.singleflight import SingleFlight
 
 #: Seconds a helper may take (``SYNCER_CREDENTIAL_HELPER_TIMEOUT``); cloud helpers make a
 #: network call, so this is generous.
@@ -160,7 +161,10 @@ class HelperCache:
         self.timeout = timeout
         self.ttl = ttl
         self._answers: dict[str, _Answer] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        #: Bumped after each change of the answers (so a secrets list built from them knows
+        #: when it is out of date: see CredentialStore.secrets).
+        self.version = 0
+        self._flights: SingleFlight[str] = SingleFlight()  # one helper run per registry
         self._lock = threading.Lock()
 
     def helper_for(self, registry: str) -> tuple[str, str] | None:
@@ -181,9 +185,7 @@ class HelperCache:
             return None
         answer = self._fresh(registry)
         if answer is None:
-            with self._lock:
-                flight = self._locks.setdefault(registry, threading.Lock())
-            with flight:
+            with self._flights.lock(registry):
                 answer = self._fresh(registry)
                 if answer is None:
                     try:
@@ -196,6 +198,7 @@ class HelperCache:
                     answer = (time.monotonic() + self.ttl, value)
                     with self._lock:
                         self._answers[registry] = answer
+                        self.version += 1  # after the write: a reader of it sees the answer
         value = answer[1]
         if isinstance(value, CredentialHelperError):
             # A copy per raise: re-raising one instance from many threads would grow (and

@@ -18,8 +18,11 @@
 ``*`` a TLS verification failure is a :class:`TransportError` with ``transient=False``: retrying
 will not make a self-signed certificate trusted.
 
-Error texts never contain credentials: registries echo neither passwords nor tokens, and the
-client builds messages from status codes and the spec's error codes only.
+Error texts never contain credentials: the client builds its own messages from status codes
+and the spec's error codes, and the free text a registry puts in its error body (which a
+registry or a proxy in front of it may fill with what it was sent) has every known secret
+masked before it is quoted (:func:`syncer.registry.transport.raise_for_response`). URL queries
+(presigned storage URLs) are cut from connection errors' texts.
 """
 
 from __future__ import annotations

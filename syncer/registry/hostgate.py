@@ -40,6 +40,29 @@ class Gate(Protocol):
         ...
 
 
+def pause_after(gate: Gate, host: str, status: int, retry_after: float | None) -> float | None:
+    """Pause ``host`` at ``gate`` if the answer ``status`` asks every client thread to hold
+    back; return the seconds paused (None: no pause). The one rule, for registry and token
+    server answers alike:
+
+    - ``429`` pauses for its ``Retry-After``, else :data:`DEFAULT_RATE_LIMIT_PAUSE`;
+    - ``503`` with a ``Retry-After`` pauses that long (RFC 9110 15.6.4: the server is
+      overloaded or down for maintenance, for that long);
+    - anything else, a ``503`` without ``Retry-After`` included, pauses nothing: it is one
+      request's failure, retried with backoff by that request alone.
+
+    ``retry_after`` is the parsed header (:func:`~syncer.registry.retry.parse_retry_after`).
+    """
+    if status == 429:
+        seconds = retry_after if retry_after is not None else DEFAULT_RATE_LIMIT_PAUSE
+    elif status == 503 and retry_after is not None:
+        seconds = retry_after
+    else:
+        return None
+    gate.pause(host, seconds)
+    return seconds
+
+
 class HostGate:
     """In-process gate, thread-safe. ``clock``/``sleep`` are injectable for tests."""
 

@@ -74,15 +74,6 @@ class Limit:
     def __bool__(self) -> bool:
         return bool(self.max_concurrency or self.requests_per_second)
 
-    def describe(self) -> str:
-        """``max_concurrency 4, requests_per_second 10`` (the set ones)."""
-        parts = []
-        if self.max_concurrency:
-            parts.append(f"max_concurrency {self.max_concurrency}")
-        if self.requests_per_second:
-            parts.append(f"requests_per_second {self.requests_per_second:g}")
-        return ", ".join(parts) or "unlimited"
-
 
 class LimitBackend(Protocol):
     """Where slots and rate reservations are counted."""

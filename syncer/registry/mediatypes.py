@@ -29,7 +29,6 @@ OCI_EMPTY = "application/vnd.oci.empty.v1+json"
 
 IMAGE_MANIFESTS = frozenset({DOCKER_MANIFEST, OCI_MANIFEST})
 INDEXES = frozenset({DOCKER_MANIFEST_LIST, OCI_INDEX})
-SUPPORTED = IMAGE_MANIFESTS | INDEXES  # the types a registry is known to serve and store
 SCHEMA1 = frozenset({DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED})
 
 # Without an Accept header distribution answers with legacy schema1 (re-signed, digest

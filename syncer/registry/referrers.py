@@ -24,7 +24,6 @@ import logging
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urljoin
 
 from syncer.registry.errors import AuthenticationError
 from syncer.registry.mediatypes import OCI_INDEX, child_descriptors, parse_manifest
@@ -40,7 +39,6 @@ COSIGN_SUFFIXES = (".sig", ".att", ".sbom")
 # for the unknown route; some proxies answer 405 or 501.
 _NO_API = (404, 405, 501)
 _MAX_PAGES = 100  # of one referrers list (each capped at 4 MiB like any manifest)
-_LINK_RE = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 _TAG_RE = re.compile(r"^(sha256)-([0-9a-f]{64})(\.sig|\.att|\.sbom)?$")
 
 
@@ -142,6 +140,5 @@ def fetch_referrers(client: RegistryClient, repository: str, digest: str) -> lis
             # 200 but no index (a web page at that path): not the referrers API.
             return None if first else found
         found.extend(child_descriptors(doc))
-        match = _LINK_RE.search(response.headers.get("Link", ""))
-        url = urljoin(client.transport.base_url + path, match.group(1)) if match else ""
+        url = client.next_page(response, path)
     return found

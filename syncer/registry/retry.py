@@ -83,14 +83,17 @@ class RetryPolicy:
         deadline: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
+        transient_only: bool = True,
     ) -> float | None:
         """The wait before the next try, or None when this layer must give up on ``exc``.
 
         None when ``exc`` is permanent, the budget is spent, the registry asked for a longer
         wait than this layer takes (``defer_long_retry_after``), or the wait would end past
-        ``deadline`` (a ``time.monotonic()`` value).
+        ``deadline`` (a ``time.monotonic()`` value). ``transient_only=False``: the caller
+        already judged ``exc`` worth another try (a blob restart after a lost upload
+        session, an error permanent for one request but not for a new session).
         """
-        if not self.should_retry(retries_done, exc):
+        if retries_done >= self.max_retries or (transient_only and not is_transient(exc)):
             return None
         asked = retry_after(exc)
         if self.defer_long_retry_after and asked is not None and asked > self.retry_after_cap:
@@ -166,13 +169,6 @@ def deadline_scope(deadline: float | None) -> Iterator[None]:
 def current_deadline() -> float | None:
     """The deadline of the enclosing :func:`deadline_scope` (``time.monotonic()``), or None."""
     return _DEADLINE.get()
-
-
-def seconds_left(deadline: float | None, clock: Callable[[], float] = time.monotonic) -> float:
-    """Seconds until ``deadline`` (never negative); infinity when there is none."""
-    if deadline is None:
-        return float("inf")
-    return max(deadline - clock(), 0.0)
 
 
 def parse_retry_after(value: str | None) -> float | None:

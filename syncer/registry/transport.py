@@ -23,8 +23,9 @@ knows neither the shared host gate nor the copy's deadline. So the adapter keeps
 ``max_retries=0`` and the one :class:`~syncer.registry.retry.RetryPolicy` drives a small loop here.
 
 **Rate limits are shared.** Before each request the transport waits at the process's
-:class:`~syncer.registry.hostgate.Gate`; a 429 (or a 503 with ``Retry-After``) pauses that host for
-every thread of the process — and, with the Redis gate of the distributed mode, every worker.
+:class:`~syncer.registry.hostgate.Gate`; a 429 (or a 503 with ``Retry-After``: the one rule is
+:func:`~syncer.registry.hostgate.pause_after`) pauses that host for every thread of the
+process — and, with the Redis gate of the distributed mode, every worker.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import re
 import ssl
 import threading
 from collections.abc import Iterable
+from typing import NoReturn
 from urllib.parse import urlparse
 
 import requests
@@ -45,7 +47,7 @@ from urllib3.util.ssl_ import create_urllib3_context
 
 from syncer.registry import observe
 from syncer.registry.auth import Authenticator
-from syncer.registry.credentials import CredentialStore
+from syncer.registry.credentials import CredentialStore, mask_secrets
 from syncer.registry.errors import (
     AuthenticationError,
     NotFoundError,
@@ -55,7 +57,7 @@ from syncer.registry.errors import (
     SpecError,
     TransportError,
 )
-from syncer.registry.hostgate import DEFAULT_RATE_LIMIT_PAUSE, Gate, HostGate
+from syncer.registry.hostgate import Gate, HostGate, pause_after
 from syncer.registry.limits import Limit, Limiter, limited
 from syncer.registry.reference import api_host
 from syncer.registry.retry import (
@@ -95,7 +97,9 @@ def _retry_after(response: requests.Response) -> float | None:
     return parse_retry_after(response.headers.get("Retry-After"))
 
 
-def _spec_errors(response: requests.Response) -> tuple[SpecError, ...]:
+def _spec_errors(response: requests.Response, secrets: Iterable[str]) -> tuple[SpecError, ...]:
+    """The spec error entries of ``response``'s body, each message masked of ``secrets`` and
+    then cut to 200 characters (in that order: a cut first could leave a secret's prefix)."""
     try:
         body = json.loads(response.content[:65536] or b"{}")
     except ValueError:
@@ -103,53 +107,47 @@ def _spec_errors(response: requests.Response) -> tuple[SpecError, ...]:
     items = body.get("errors") if isinstance(body, dict) else None
     if not isinstance(items, list):
         return ()
+    secrets = tuple(secrets)
     return tuple(
-        SpecError(str(e.get("code", "")), str(e.get("message", ""))[:200])
+        SpecError(str(e.get("code", "")), mask_secrets(str(e.get("message", "")), secrets)[:200])
         for e in items
         if isinstance(e, dict)
     )
 
 
-def _mask_spec_errors(
-    errors: tuple[SpecError, ...], secrets: Iterable[str]
-) -> tuple[SpecError, ...]:
-    hidden = [secret for secret in secrets if secret]
-    if not hidden:
-        return errors
-    masked = []
-    for error in errors:
-        message = error.message
-        for secret in hidden:
-            message = message.replace(secret, "***")
-        masked.append(SpecError(error.code, message))
-    return tuple(masked)
-
-
 def raise_for_response(
-    response: requests.Response, registry: str, what: str, secrets: Iterable[str] = ()
+    response: requests.Response,
+    registry: str,
+    what: str,
+    secrets: Iterable[str] = (),
+    *,
+    retry_after: float | None = None,
 ) -> None:
     """Raise the typed error for a non-2xx ``response``; ``what`` names the operation.
 
     The registry's own error messages are free text: a registry (or a proxy in front of it)
     that echoes what it was sent could put a credential there. Every known ``secrets`` value
     is masked before the text reaches the exception, and so the ledger, Redis and summaries.
+    ``retry_after``: the response's ``Retry-After`` when the caller has parsed it already.
     """
     status = response.status_code
     if status < 400:
         return
-    errors = _mask_spec_errors(_spec_errors(response), secrets)
+    if retry_after is None:
+        retry_after = _retry_after(response)
+    errors = _spec_errors(response, secrets)
     codes = {e.code for e in errors}
     detail = "; ".join(f"{e.code}: {e.message}" if e.message else e.code for e in errors)
     message = f"{what}: HTTP {status}" + (f" ({detail})" if detail else "")
     kwargs = {"registry": registry, "status": status, "errors": errors}
     if status == 429 or "TOOMANYREQUESTS" in codes:
-        raise RateLimitedError(message, retry_after=_retry_after(response), **kwargs)
+        raise RateLimitedError(message, retry_after=retry_after, **kwargs)
     if status in (401, 403) or codes & {"UNAUTHORIZED", "DENIED"}:
         raise AuthenticationError(message, **kwargs)
     if status == 404 or codes & _NOT_FOUND_CODES:
         raise NotFoundError(message, **kwargs)
     if status >= 500 or status == 408 or codes & _TRANSIENT_CODES:
-        raise ServerError(message, retry_after=_retry_after(response), **kwargs)
+        raise ServerError(message, retry_after=retry_after, **kwargs)
     raise RegistryError(message, **kwargs)
 
 
@@ -268,8 +266,7 @@ class Transport:
                     return http
                 if answer.status_code >= 500 or answer.status_code in (408, 429):
                     self._observe("GET", answer.url, answer.status_code, failed=True)
-                    self._note_rate_limit(answer)
-                    raise_for_response(answer, self.registry, "ping", self.store.secrets)
+                    self._raise_for(answer, "ping")
         self._observe("GET", f"{https}/v2/", None)
         raise self._transport_error("ping", tls_error) from None
 
@@ -277,16 +274,16 @@ class Transport:
         if isinstance(exc, requests.exceptions.SSLError):
             return TransportError(
                 f"{what}: TLS verification failed (configure ca_file, or insecure: true): "
-                f"{_short(exc)}",
+                f"{_brief(exc)}",
                 registry=self.registry,
                 transient=False,
             )
         if isinstance(
             exc, requests.exceptions.ChunkedEncodingError | requests.exceptions.ContentDecodingError
         ):
-            return TransportError(f"{what}: body cut short: {_short(exc)}", registry=self.registry)
+            return TransportError(f"{what}: body cut short: {_brief(exc)}", registry=self.registry)
         return TransportError(
-            f"{what}: {type(exc).__name__}: {_short(exc)}", registry=self.registry
+            f"{what}: {type(exc).__name__}: {_brief(exc)}", registry=self.registry
         )
 
     def request(
@@ -336,10 +333,11 @@ class Transport:
         """Run ``operation`` under the in-place policy, bounded by the current deadline."""
 
         def note(number: int, exc: BaseException, wait: float) -> None:
+            reason = _brief(exc, 200)
             log.info(
                 "retry %d/%d in %.2fs: %s at %s: %s",
                 number, self.retry_policy.max_retries, wait, what, self.registry,
-                _reason(exc), extra={"registry": self.registry, "error": _reason(exc)},
+                reason, extra={"registry": self.registry, "error": reason},
             )
             watcher = observe.observer
             if watcher is not None:
@@ -365,49 +363,43 @@ class Transport:
         response = self._send(method, url, sent_headers, data, stream, what)
         if response.status_code == 401 and registry_auth:
             response.close()
-            if not _is_replayable(data):
-                # The body iterator was spent on the refused attempt; a retry of the whole
-                # operation (one layer up) will carry the now cached token.
-                try:
-                    self.authenticator.answer_challenge(
-                        response, scope_key, credentials, sent_headers.get("Authorization")
-                    )
-                except RegistryError as exc:
-                    raise _Settled(exc) from None
-                raise ServerError(
-                    f"{what}: token expired during upload", registry=self.registry, status=401
-                )
             try:
-                sent_headers["Authorization"] = self.authenticator.answer_challenge(
+                answer = self.authenticator.answer_challenge(
                     response, scope_key, credentials, sent_headers.get("Authorization")
                 )
             except RegistryError as exc:
                 raise _Settled(exc) from None
+            if not _is_replayable(data):
+                # The body iterator was spent on the refused attempt; a retry of the whole
+                # operation (one layer up) will carry the now cached token.
+                raise ServerError(
+                    f"{what}: token expired during upload", registry=self.registry, status=401
+                )
+            sent_headers["Authorization"] = answer
             response = self._send(method, url, sent_headers, data, stream, what)
         if response.status_code not in allowed:
             self._observe(method, url, response.status_code, failed=True)
             try:
-                self._note_rate_limit(response)
-                raise_for_response(response, self.registry, what, self.store.secrets)
-                raise RegistryError(
-                    f"{what}: unexpected HTTP {response.status_code}",
-                    registry=self.registry,
-                    status=response.status_code,
-                )
+                self._raise_for(response, what)
             finally:
                 response.close()
         return response
 
-    def _note_rate_limit(self, response: requests.Response) -> None:
-        """A 429 (or a 503 with Retry-After) pauses the answering host for the process."""
+    def _raise_for(self, response: requests.Response, what: str) -> NoReturn:
+        """The error path of a response the caller does not accept: pause the answering host
+        if the response says so (:func:`~syncer.registry.hostgate.pause_after`), then raise
+        its typed error. ``Retry-After`` is parsed once, here, for both."""
         status = response.status_code
         asked = _retry_after(response)
-        if status == 429 or (status == 503 and asked is not None):
-            host = urlparse(response.url).netloc or self.host
-            seconds = asked if asked is not None else DEFAULT_RATE_LIMIT_PAUSE
+        host = urlparse(response.url).netloc or self.host
+        paused = pause_after(self.gate, host, status, asked)
+        if paused is not None:
             log.info("%s: HTTP %d, pausing requests to %s for %.1fs", self.registry, status,
-                     host, seconds, extra={"registry": self.registry})
-            self.gate.pause(host, seconds)
+                     host, paused, extra={"registry": self.registry})
+        raise_for_response(response, self.registry, what, self.store.secrets, retry_after=asked)
+        raise RegistryError(
+            f"{what}: unexpected HTTP {status}", registry=self.registry, status=status
+        )
 
     def _send(self, method, url, headers, data, stream, what) -> requests.Response:
         origin, netloc = _origin(url)
@@ -580,11 +572,18 @@ def _is_replayable(data) -> bool:
     return data is None or isinstance(data, bytes | str | dict | list | tuple)
 
 
-def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 200 else text[:200] + "…"
+# A URL's query, up to whitespace, a quote or a parenthesis (how urllib3 and requests end a
+# URL in their messages: "... with url: /path?X-Amz-Signature=... (Caused by ...)").
+_URL_QUERY = re.compile(r"\?[^\s'\"()]+")
 
 
-def _short(exc: Exception) -> str:
-    text = str(exc)
-    return text if len(text) <= 300 else text[:300] + "…"
+def _brief(exc: BaseException, limit: int = 300) -> str:
+    """``exc``'s text on one line, every URL query replaced by ``?…``, cut to ``limit``.
+
+    A blob GET is redirected to object storage with a presigned URL whose query *is* a
+    credential (S3's ``X-Amz-Signature``, GCS's ``X-Goog-Signature``, Azure's ``sig``), and
+    urllib3 names the URL in "Max retries exceeded with url: …": without this it would reach
+    the exception, the ledger and the log lines.
+    """
+    text = _URL_QUERY.sub("?…", " ".join(str(exc).split()))
+    return text if len(text) <= limit else text[:limit] + "…"

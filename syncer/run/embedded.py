@@ -30,7 +30,6 @@ def run_plan(
     policy: RetryPolicy,
     workers: int = 5,
     on_bytes: Callable[[int], None] | None = None,
-    on_job_done: Callable[[], None] | None = None,
 ) -> None:
     """Run every job of ``plan``, ``workers`` at a time, recording outcomes in ``ledger``."""
     ledger.begin(plan.jobs, plan.failures)
@@ -74,8 +73,6 @@ def run_plan(
             else:
                 ledger.mark_done(job.id, result.to_dict())
                 log.info("%s", result_line(result), extra={"attempt": attempts})
-        if on_job_done is not None:
-            on_job_done()
 
     with ThreadPoolExecutor(max(workers, 1), thread_name_prefix="image") as pool:
         list(pool.map(run, plan.jobs))

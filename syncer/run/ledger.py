@@ -145,6 +145,7 @@ class MemoryLedger:
         self.run_id = run_id
         self._lock = threading.Lock()
         self._records: dict[str, JobRecord] = {}
+        self._open = 0  # records not in a final state: the run finishes when it reaches 0
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._started = time.time()
         self._finished = 0.0
@@ -153,8 +154,13 @@ class MemoryLedger:
         """Register jobs and planner failures."""
         with self._lock:
             for job in jobs:
-                self._records.setdefault(job.id, JobRecord(job.id, job.source, job.destination))
+                if job.id not in self._records:
+                    self._records[job.id] = JobRecord(job.id, job.source, job.destination)
+                    self._open += 1
             for failure in failures:
+                replaced = self._records.get(failure.id)
+                if replaced is not None and replaced.state not in FINAL_STATES:
+                    self._open -= 1
                 self._records[failure.id] = JobRecord(
                     failure.id,
                     failure.source,
@@ -203,7 +209,9 @@ class MemoryLedger:
             return True
 
     def _touch_finished(self) -> None:
-        if all(r.state in FINAL_STATES for r in self._records.values()):
+        """One more record became final (under the lock): the last one finishes the run."""
+        self._open -= 1
+        if self._open == 0:
             self._finished = time.time()
 
     def summary(self) -> RunSummary:

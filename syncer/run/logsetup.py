@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
+from syncer.registry.credentials import MASK, MIN_SECRET_LENGTH, mask_secrets
+
 FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
 LOG_FORMATS = ("text", "json")
 #: The fields a JSON line may carry besides time, level, logger and message.
@@ -90,12 +92,13 @@ class ContextFilter(logging.Filter):
 
 
 class SecretScrubber(logging.Filter):
-    """Replaces every secret in a record's final text, and in its extra fields, with ``***``."""
+    """Replaces every secret in a record's final text, and in its extra fields, with ``***``
+    (:func:`~syncer.registry.credentials.mask_secrets`' rule)."""
 
     def __init__(self, secrets: Iterable[str] | Callable[[], Iterable[str]]):
         super().__init__()
-        # A callable is asked again on every record: credential helpers answer secrets
-        # only when a registry is first used, long after logging was set up.
+        # A callable is asked again for every record (once, in filter()): credential helpers
+        # answer secrets only when a registry is first used, long after logging was set up.
         self._source = secrets if callable(secrets) else None
         self._known: tuple[str, ...] = ()
         self._learn(() if callable(secrets) else tuple(secrets))
@@ -103,7 +106,7 @@ class SecretScrubber(logging.Filter):
     def _learn(self, known: tuple[str, ...]) -> None:
         self._known = known
         self.secrets = tuple(
-            sorted({s for s in known if s and len(s) >= 3}, key=len, reverse=True)
+            sorted({s for s in known if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
         )
         # How JSON may spell a secret: escaped quotes/backslashes/control characters, and
         # \uXXXX for non-ASCII when ensure_ascii is on.
@@ -114,28 +117,31 @@ class SecretScrubber(logging.Filter):
     def _refresh(self) -> None:
         if self._source is not None:
             known = tuple(self._source())
-            if known != self._known:
+            # CredentialStore.secrets answers the same tuple until it changes.
+            if known is not self._known and known != self._known:
                 self._learn(known)
 
     def scrub(self, text: str) -> str:
-        """``text`` with every secret replaced."""
+        """``text`` with every secret replaced (the secrets source asked first)."""
         self._refresh()
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return self._scrub(text)
+
+    def _scrub(self, text: str) -> str:
+        return mask_secrets(text, self.secrets) if self.secrets else text
 
     def scrub_serialized(self, text: str) -> str:
         """``text`` (a JSON document) with every secret, raw or JSON-escaped, replaced."""
-        return self.scrub(self._scrub_escaped(text))
+        self._refresh()
+        return self._scrub(self._scrub_escaped(text))
 
     def _scrub_escaped(self, text: str) -> str:
         for form in self._escaped:
-            text = text.replace(form, "***")
+            text = text.replace(form, MASK)
         return text
 
     def _scrub_value(self, value: Any) -> Any:
         if isinstance(value, str):
-            return self.scrub(value)
+            return self._scrub(value)
         if value is None or isinstance(value, bool | int | float):
             return value
         if isinstance(value, Mapping):
@@ -143,21 +149,23 @@ class SecretScrubber(logging.Filter):
         if isinstance(value, list | tuple | set | frozenset):
             return [self._scrub_value(v) for v in value]
         text = str(value)  # an object the JSON encoder would turn into text
-        cleaned = self.scrub(text)
+        cleaned = self._scrub(text)
         return cleaned if cleaned != text else value
 
     def filter(self, record: logging.LogRecord) -> bool:
-        self._refresh()
+        self._refresh()  # once per record; everything below uses what it found
         if self.secrets:
-            record.msg = self.scrub(record.getMessage())
+            record.msg = self._scrub(record.getMessage())
             record.args = None
             if record.exc_info:
-                record.exc_text = self.scrub(logging.Formatter().formatException(record.exc_info))
+                record.exc_text = self._scrub(
+                    logging.Formatter().formatException(record.exc_info)
+                )
                 record.exc_info = None
             elif record.exc_text:
-                record.exc_text = self.scrub(record.exc_text)
+                record.exc_text = self._scrub(record.exc_text)
             if record.stack_info:
-                record.stack_info = self.scrub(record.stack_info)
+                record.stack_info = self._scrub(record.stack_info)
             for key, value in list(vars(record).items()):
                 if key not in _STANDARD_ATTRS:
                     setattr(record, key, self._scrub_value(value))

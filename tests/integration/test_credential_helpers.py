@@ -8,33 +8,29 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.support import BASIC_USERS, TEST_PASSWORDS, images
+from tests.support.celery_workers import clean_env, run_syncer
 from tests.support.clients import offline_refresh_token
 
 pytestmark = pytest.mark.integration
 
-BIN = Path(sys.executable).parent
-_DROP = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "DOCKER_", "DEFAULT_REGISTRY",
-         "DEFAULT_NAMESPACE", "SYNCER_")
 NOT_FOUND = "echo 'credentials not found in native keychain'; exit 1"
 
 
 def helper_env(tmp_path: Path, config: dict) -> tuple[dict[str, str], Path]:
-    """An environment whose PATH starts with ``tmp_path/bin`` and whose DOCKER_CONFIG holds
-    ``config``; returns it and the bin folder."""
+    """:func:`clean_env`, but with PATH starting with ``tmp_path/bin`` and a DOCKER_CONFIG of
+    its own holding ``config`` (the point of these tests); returns it and the bin folder."""
     bin_dir, docker_dir = tmp_path / "bin", tmp_path / "docker"
     bin_dir.mkdir(exist_ok=True)
     docker_dir.mkdir(exist_ok=True)
     (docker_dir / "config.json").write_text(json.dumps(config))
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(_DROP)}
-    env.update(DOCKER_CONFIG=str(docker_dir), PATH=f"{bin_dir}:{os.environ['PATH']}",
-               NO_COLOR="1")
+    env = clean_env(tmp_path, DOCKER_CONFIG=str(docker_dir),
+                    PATH=f"{bin_dir}:{os.environ['PATH']}")
     return env, bin_dir
 
 
@@ -58,8 +54,7 @@ def calls(log: Path) -> list[str]:
 
 
 def syncer(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "syncer"), *args], env=env, capture_output=True, text=True,
-                          timeout=90, check=False)
+    return run_syncer(env, *args, timeout=90)
 
 
 def assert_no_secret(output: str, *secrets: str) -> None:

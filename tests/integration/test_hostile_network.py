@@ -20,20 +20,19 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tests.support import images
-from tests.support.celery_workers import SYNCER, WorkerPool, run_syncer
+from tests.support.celery_workers import USER_DEFAULTS, WorkerPool, clean_env, run_syncer
 from tests.support.clients import write_auth_file
 from tests.support.proxy import CountingProxy
-from tests.support.registry import RedisUrl, RegistryProcess
+from tests.support.registry import RegistryProcess
 
 pytestmark = pytest.mark.integration
 
@@ -203,59 +202,29 @@ def turn_chaos_on(src_proxy: CountingProxy, dst_proxy: CountingProxy) -> None:
     dst_proxy.chaos(FAULT_RATE, kinds=FAULT_KINDS, seed="hostile-dst", retry_after=1)
 
 
-def write_config(
-    directory: Path, src_proxy: CountingProxy, dst_proxy: CountingProxy, *extra: CountingProxy
-) -> tuple[Path, Path]:
-    """An auth file naming every proxy (their upstreams' credentials) and the images rule."""
+def write_rules(directory: Path, src_proxy: CountingProxy, dst_proxy: CountingProxy) -> Path:
+    """The images rule: the source repository through ``src_proxy`` to the destination
+    through ``dst_proxy``."""
     directory.mkdir(parents=True, exist_ok=True)
-    auth = write_auth_file(directory / "auth.json", src_proxy, dst_proxy, *extra)
     rules = directory / "images.json"
     rules.write_text(json.dumps({f"{src_proxy.host}/{SRC_REPO}": f"{dst_proxy.host}/{DST_REPO}"}))
-    return auth, rules
+    return rules
 
 
-def clean_env(directory: Path) -> dict[str, str]:
-    """The environment of ``syncer sync``: no proxy or syncer variables of the machine, and an
-    empty docker config, so only the test's auth file provides credentials."""
-    docker_config = directory / "docker-config"
-    docker_config.mkdir(parents=True, exist_ok=True)
-    dropped = (
-        "SYNCER_",
-        "CELERY_",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "DEFAULT_REGISTRY",
-        "DEFAULT_NAMESPACE",
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
-    env.update({"DOCKER_CONFIG": str(docker_config), "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"})
-    return env
-
-
-# --------------------------------------------------------------------------- embedded
-
-
-def embedded_sync(
-    label: str, directory: Path, src_proxy: CountingProxy, dst_proxy: CountingProxy
+def _measured(
+    label: str,
+    env: Mapping[str, str],
+    args: list[str],
+    src_proxy: CountingProxy,
+    dst_proxy: CountingProxy,
 ) -> RunFigures:
-    """``syncer sync --auth --images`` with default options; proxies' records reset first."""
-    auth, rules = write_config(directory, src_proxy, dst_proxy)
+    """Run ``syncer ARGS`` (at most ``RUN_TIMEOUT`` seconds) with the proxies' records reset
+    first; its wall time, exit code (-1: timed out), output and the proxies' counts."""
     src_proxy.reset()
     dst_proxy.reset()
     started = time.monotonic()
     try:
-        done = subprocess.run(
-            [SYNCER, "sync", "--auth", str(auth), "--images", str(rules)],
-            env=clean_env(directory),
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT,
-            check=False,
-        )
+        done = run_syncer(env, *args, timeout=RUN_TIMEOUT)
         code, output = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as exc:
         code = -1
@@ -268,6 +237,20 @@ def _text(data: bytes | str | None) -> str:
     if data is None:
         return ""
     return data if isinstance(data, str) else data.decode(errors="replace")
+
+
+# --------------------------------------------------------------------------- embedded
+
+
+def embedded_sync(
+    label: str, directory: Path, src_proxy: CountingProxy, dst_proxy: CountingProxy
+) -> RunFigures:
+    """``syncer sync --auth --images`` with default options, in an environment isolated from
+    the machine's settings (only the auth file written here provides credentials)."""
+    rules = write_rules(directory, src_proxy, dst_proxy)
+    auth = write_auth_file(directory / "auth.json", src_proxy, dst_proxy)
+    args = ["sync", "--auth", str(auth), "--images", str(rules)]
+    return _measured(label, clean_env(directory), args, src_proxy, dst_proxy)
 
 
 @pytest.mark.timeout(2 * RUN_TIMEOUT + 60)
@@ -304,26 +287,6 @@ def test_embedded_sync_survives_30_percent_faults_on_both_sides(
 # --------------------------------------------------------------------------- distributed
 
 
-@pytest.fixture
-def default_cluster(redis_server: RedisUrl, tmp_path: Path) -> Iterator[WorkerPool]:
-    """A :class:`WorkerPool` on ``redis_server`` with the default Celery settings: no
-    shortened visibility timeout or time limit, no faster sweep for expired messages (what
-    the harness keeps is the broker URL and the isolated docker config). Workers are stopped
-    at teardown and their log tails printed."""
-    pool = WorkerPool(
-        redis_server,
-        tmp_path / "cluster",
-        visibility_timeout=None,
-        task_time_limit=None,
-        restore_interval=None,
-    )
-    try:
-        yield pool
-    finally:
-        pool.stop_all()
-        print(pool.report())
-
-
 def distributed_sync(
     label: str,
     directory: Path,
@@ -333,28 +296,9 @@ def distributed_sync(
     dst_proxy: CountingProxy,
 ) -> RunFigures:
     """``syncer plan --auth --images --wait --json`` (default options) against ``pool``."""
-    _, rules = write_config(directory, src_proxy, dst_proxy)
-    src_proxy.reset()
-    dst_proxy.reset()
-    started = time.monotonic()
-    try:
-        done = run_syncer(
-            pool.env,
-            "plan",
-            "--auth",
-            str(auth),
-            "--images",
-            str(rules),
-            "--wait",
-            "--json",
-            timeout=RUN_TIMEOUT,
-        )
-        code, output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as exc:
-        code = -1
-        output = f"TIMED OUT after {RUN_TIMEOUT} s\n{_text(exc.stdout)}{_text(exc.stderr)}"
-    seconds = time.monotonic() - started
-    return RunFigures.collect(label, seconds, code, output, src_proxy, dst_proxy)
+    rules = write_rules(directory, src_proxy, dst_proxy)
+    args = ["plan", "--auth", str(auth), "--images", str(rules), "--wait", "--json"]
+    return _measured(label, pool.env, args, src_proxy, dst_proxy)
 
 
 def plan_summary(figures: RunFigures) -> dict:
@@ -366,7 +310,7 @@ def plan_summary(figures: RunFigures) -> dict:
 
 @pytest.mark.timeout(2 * RUN_TIMEOUT + 90)
 def test_two_workers_survive_30_percent_faults_on_both_sides(
-    make_registry, make_proxy, default_cluster, tmp_path
+    make_registry, make_proxy, redis_server, cluster, tmp_path
 ):
     src = make_registry(auth="htpasswd")
     clean_dst, dst = make_registry(auth="htpasswd"), make_registry(auth="htpasswd")
@@ -375,6 +319,9 @@ def test_two_workers_survive_30_percent_faults_on_both_sides(
     clean_proxy, dst_proxy = make_proxy(clean_dst), make_proxy(dst)
     # One auth file for the workers and the planner, naming every registry they may use.
     auth = write_auth_file(tmp_path / "auth.json", src_proxy, clean_proxy, dst_proxy)
+    # The default Celery settings: no shortened visibility timeout or time limit, no faster
+    # sweep for expired messages.
+    default_cluster = cluster(redis_server, **USER_DEFAULTS)
     default_cluster.start_many(["w1", "w2"], auth)
 
     clean = distributed_sync(

@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.support import images
-from tests.support.celery_workers import run_syncer
+from tests.support.celery_workers import clean_env, run_syncer
 
 pytestmark = pytest.mark.integration
 
-SYNCER = str(Path(sys.executable).with_name("syncer"))
 # Characters JSON escapes (a quote, a backslash) and one it may (non-ASCII): the secret must be
 # gone in every spelling.
 SECRET = 'r0b0t"pa\\ss-wörd'
@@ -69,11 +66,9 @@ def test_sync_json_lines_carry_the_fields_and_never_the_password(make_registry, 
     (tmp_path / "images.json").write_text(json.dumps(
         {f"{src.host}/src/app:v1": [f"{good.host}/dst/app", f"{denying.host}/dst/app"]}))
 
-    done = subprocess.run(
-        [SYNCER, "sync", "--auth", str(auth), "--images", str(tmp_path / "images.json"),
-         "--log-format", "json"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )
+    done = run_syncer(clean_env(tmp_path), "sync", "--auth", str(auth),
+                      "--images", str(tmp_path / "images.json"), "--log-format", "json",
+                      timeout=60)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "1 synced" in done.stdout and "1 failed" in done.stdout
     assert denying.count(status=403) >= 1  # the echoing registry was reached

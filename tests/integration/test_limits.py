@@ -23,7 +23,6 @@ of 4 threads each, sharing the limits through Redis. Digests verified on both si
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import threading
 import time
@@ -39,7 +38,7 @@ from syncer.registry.errors import TimeLimitExceeded
 from syncer.registry.limits import Limit, Limiter, LocalBackend
 from syncer.registry.retry import deadline_scope
 from tests.support import images
-from tests.support.celery_workers import SYNCER, run_syncer
+from tests.support.celery_workers import clean_env, run_syncer
 from workers.redis_limiter import RedisLimitBackend
 
 pytestmark = pytest.mark.integration
@@ -73,22 +72,12 @@ def write_images(path: Path, source: str, destination: str) -> Path:
 
 
 def peak_overlap(starts: list[float], length: float) -> int:
-    """The most intervals ``[s, s + length)`` that overlap at one instant."""
+    """The most intervals ``[s, s + length)`` that overlap at one instant — the same as the
+    most starts inside any window ``[t, t + length)`` (``length=1.0``: the most in a second)."""
     starts = sorted(starts)
     peak, first = 0, 0
     for i, start in enumerate(starts):
         while starts[first] <= start - length:
-            first += 1
-        peak = max(peak, i - first + 1)
-    return peak
-
-
-def most_in_one_second(starts: list[float]) -> int:
-    """The most starts inside any window ``[t, t + 1)``."""
-    starts = sorted(starts)
-    peak, first = 0, 0
-    for i, start in enumerate(starts):
-        while starts[first] <= start - 1.0:
             first += 1
         peak = max(peak, i - first + 1)
     return peak
@@ -101,12 +90,10 @@ def mean_rate(starts: list[float]) -> float:
 
 
 def run_sync(auth: Path, rules: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    """The real ``syncer sync`` (embedded mode) in a subprocess."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCER_", "HTTP"))}
-    return subprocess.run(
-        [SYNCER, "sync", "--auth", str(auth), "--images", str(rules), *extra],
-        capture_output=True, text=True, timeout=120, env=env, check=False,
-    )
+    """The real ``syncer sync`` (embedded mode) in a subprocess, isolated from the machine's
+    settings (:func:`clean_env`, next to the auth file)."""
+    return run_syncer(clean_env(auth.parent), "sync", "--auth", str(auth), "--images", str(rules),
+                      *extra, timeout=120)
 
 
 def assert_synced(src, dst, pushed) -> None:
@@ -194,7 +181,7 @@ def test_embedded_proc_8_keeps_max_concurrency_and_rate(make_registry, make_prox
     assert_synced(src, dst2, pushed)
     starts = starts_of(proxy)
     assert peak_overlap(starts, LATENCY) <= 3
-    assert most_in_one_second(starts) <= 12 + SLACK, sorted(starts)
+    assert peak_overlap(starts, 1.0) <= 12 + SLACK, sorted(starts)
     assert mean_rate(starts) <= 12 * 1.05
     assert took >= (len(starts) - 1) / 12
     # The 429 (answered after LATENCY) held every request back for its Retry-After.
@@ -203,7 +190,7 @@ def test_embedded_proc_8_keeps_max_concurrency_and_rate(make_registry, make_prox
     assert not [s for s in starts if paused_from < s < limited.started + LATENCY + 0.9]
     print(f"\nembedded --proc 8: peak {unlimited} unlimited, 3 with max_concurrency 3; "
           f"{len(starts)} requests at 12/s: {mean_rate(starts):.2f}/s, "
-          f"max {most_in_one_second(starts)} in a second, {took:.1f}s")
+          f"max {peak_overlap(starts, 1.0)} in a second, {took:.1f}s")
 
 
 def test_a_streamed_blob_holds_its_slot_until_closed(make_registry, tmp_path):
@@ -348,7 +335,7 @@ def test_two_workers_share_the_limits_through_redis(make_registry, make_proxy, r
     narrow_starts, slow_starts = copy_starts(narrow), copy_starts(slow)
     peak = peak_overlap(narrow_starts, LATENCY)
     assert peak == 3, peak
-    assert most_in_one_second(slow_starts) <= 10 + SLACK, sorted(slow_starts)
+    assert peak_overlap(slow_starts, 1.0) <= 10 + SLACK, sorted(slow_starts)
     assert mean_rate(slow_starts) <= 10 * 1.05
     assert mean_rate(slow_starts) >= 10 * 0.6  # the rate, not something else, was the bound
     # Leases are given back: nothing is left in Redis but expiring keys.
@@ -359,7 +346,7 @@ def test_two_workers_share_the_limits_through_redis(make_registry, make_proxy, r
         assert 0 < client.pttl(key) <= 60_000, key
     print(f"\ntwo workers x 4 threads: max_concurrency 3 -> peak {peak} over "
           f"{len(narrow_starts)} requests; 10/s -> {mean_rate(slow_starts):.2f}/s over "
-          f"{len(slow_starts)} requests, max {most_in_one_second(slow_starts)} in a second")
+          f"{len(slow_starts)} requests, max {peak_overlap(slow_starts, 1.0)} in a second")
 
 
 def copy_starts(proxy) -> list[float]:

@@ -36,7 +36,7 @@ from tests.integration.test_distributed import (
     status,
     write_json,
 )
-from tests.support.celery_workers import run_syncer
+from tests.support.celery_workers import USER_DEFAULTS, run_syncer
 from tests.support.httpserver import BackgroundServer
 from tests.support.ports import wait_until
 from workers.liveness import (
@@ -52,9 +52,6 @@ from workers.redis_ledger import RedisLedger
 from workers.runs import RunStalled, wait_for
 
 pytestmark = pytest.mark.integration
-
-#: Worker environment with every timing left at its default.
-DEFAULTS = {"visibility_timeout": None, "task_time_limit": None, "restore_interval": None}
 
 
 
@@ -81,7 +78,7 @@ def test_sigkilled_worker_images_run_again_within_two_minutes(make_registry, mak
     auth = trusting_auth(tmp_path / "auth.json", proxy.host, dst.host)
     rules = write_json(tmp_path / "images.json",
                        {f"{proxy.host}/{SRC_REPO}": f"{dst.host}/{DST_REPO}"})
-    pool = cluster(redis_server, **DEFAULTS)
+    pool = cluster(redis_server, **USER_DEFAULTS)
     workers = pool.start_many(["w1", "w2"], auth)
     assert "SYNCER_VISIBILITY_TIMEOUT" not in pool.env and "SYNCER_CELERY_CONFIG" not in pool.env
 
@@ -209,7 +206,7 @@ def test_poison_job_is_failed_after_the_cap_and_the_run_ends(make_registry, redi
             f"{src.host}/{SRC_REPO}": f"{dst.host}/{DST_REPO}",
             poisoned: f"{dst.host}/dst/poison",
         })
-        pool = cluster(redis_server, **DEFAULTS)
+        pool = cluster(redis_server, **USER_DEFAULTS)
         # prefork: the copy runs in a pool child; Celery requeues a dead child's message at
         # once (task_reject_on_worker_lost), so every death is a redelivery.
         (worker,) = pool.start_many(["w1"], auth, pool="prefork")
@@ -250,7 +247,7 @@ def test_plan_wait_gives_up_on_a_stalled_run_and_names_the_image(make_registry, 
     auth = trusting_auth(tmp_path / "auth.json", proxy.host, dst.host)
     rules = write_json(tmp_path / "images.json",
                        {f"{proxy.host}/{SRC_REPO}": f"{dst.host}/{DST_REPO}"})
-    pool = cluster(redis_server, **DEFAULTS)
+    pool = cluster(redis_server, **USER_DEFAULTS)
     pool.start_many(["w1"], auth)
     label = f"{proxy.host}/{SRC_REPO}:{stuck}"
 

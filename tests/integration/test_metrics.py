@@ -19,8 +19,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from syncer.registry.retry import REQUEST_RETRIES
 from tests.support import images
-from tests.support.celery_workers import SYNCER, run_syncer
+from tests.support.celery_workers import SYNCER, clean_env, run_syncer
 from tests.support.clients import write_auth_file
 from tests.support.ports import free_port, wait_until
 
@@ -107,8 +108,10 @@ def test_sync_metrics_match_what_the_proxies_saw(make_registry, make_proxy, tmp_
         f"{src_proxy.host}/{SRC_REPO}": f"{dst_proxy.host}/{DST_REPO}",
         f"{src_proxy.host}/src/ghost:v1": f"{dst_proxy.host}/dst/ghost:v1",  # does not exist
     }))
-    # t01's manifest PUT fails 5 times: 4 in-place retries, then one image-level retry.
-    dst_proxy.fail_next(5, 503, f"/{DST_REPO}/manifests/t01", method="PUT")
+    # t01's manifest PUT fails 5 times (REQUEST_RETRIES: 5 tries): 4 in-place retries, then
+    # one image-level retry.
+    in_place = REQUEST_RETRIES.max_retries + 1
+    dst_proxy.fail_next(in_place, 503, f"/{DST_REPO}/manifests/t01", method="PUT")
     # t02's manifest PUT is held 3 s: the run is still going when the endpoint is scraped.
     dst_proxy.delay_next(1, 3.0, f"/{DST_REPO}/manifests/t02", method="PUT")
     port, textfile = free_port(), tmp_path / "syncer.prom"
@@ -116,7 +119,7 @@ def test_sync_metrics_match_what_the_proxies_saw(make_registry, make_proxy, tmp_
     run = subprocess.Popen(
         [SYNCER, "sync", "--auth", str(auth), "--images", str(tmp_path / "images.json"),
          "--metrics-port", str(port), "--metrics-file", str(textfile), "--retries", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(tmp_path),
     )
     try:
         live: list[Samples] = []
@@ -164,7 +167,7 @@ def test_sync_metrics_match_what_the_proxies_saw(make_registry, make_proxy, tmp_
     for proxy in (src_proxy, dst_proxy):
         assert request_counts(final, proxy.host) == proxy_counts(proxy), proxy.host
     errors = request_counts(final, dst_proxy.host, "syncer_registry_request_errors_total")
-    assert errors == {("PUT", "503"): 5}
+    assert errors == {("PUT", "503"): in_place}
     # The ghost's manifest answered 404: an error where the copy needed the manifest (GET),
     # not where an existence check expects a 404 (HEAD).
     ghost = Counter((r.method, "404") for r in src_proxy.records
@@ -172,9 +175,10 @@ def test_sync_metrics_match_what_the_proxies_saw(make_registry, make_proxy, tmp_
     assert sum(ghost.values()) >= 1
     assert request_counts(final, src_proxy.host, "syncer_registry_request_errors_total") == {
         key: n for key, n in ghost.items() if key[0] == "GET"}
-    assert total(final, "syncer_registry_request_retries_total", registry=dst_proxy.host) == 4
+    assert total(final, "syncer_registry_request_retries_total", registry=dst_proxy.host) == (
+        REQUEST_RETRIES.max_retries)
     assert total(final, "syncer_registry_requests_total", registry=dst_proxy.host,
-                 method="PUT", operation="manifest", code="503") == 5
+                 method="PUT", operation="manifest", code="503") == in_place
     # The operation label names the API call: e.g. the planner's tag listings.
     assert total(final, "syncer_registry_requests_total", registry=src_proxy.host,
                  method="GET", operation="tags") == src_proxy.count("GET", "/tags/list") >= 1
@@ -199,7 +203,7 @@ def test_sync_without_metrics_options_loads_no_prometheus(make_registry, tmp_pat
     done = subprocess.run(
         [str(Path(SYNCER).with_name("python")), "-c", code, "sync", "--auth", str(auth),
          "--images", str(tmp_path / "images.json")],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True, text=True, timeout=60, check=False, env=clean_env(tmp_path),
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 synced" in done.stdout

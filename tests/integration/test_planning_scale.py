@@ -29,7 +29,7 @@ import pytest
 import redis
 
 from syncer.plan.jobs import Job
-from tests.support.celery_workers import run_syncer, syncer_env
+from tests.support.celery_workers import USER_DEFAULTS, run_syncer, syncer_env
 from tests.support.httpserver import BackgroundServer, JsonHandler
 
 REPOSITORIES = 20
@@ -163,8 +163,7 @@ def timed(env: dict, *args: str) -> tuple[float, float, str]:
 
 def plan_and_read(tmp_path: Path, broker_url: str, source_host: str) -> dict:
     """``syncer plan --json`` then ``syncer status --json`` of the run; the figures."""
-    env = syncer_env(broker_url, tmp_path / "env", visibility_timeout=None,
-                     task_time_limit=None, restore_interval=None)
+    env = syncer_env(broker_url, tmp_path / "env", **USER_DEFAULTS)
     images = write_rules(tmp_path, source_host)
     figures: dict = {}
     figures["plan"], figures["plan_cpu"], out = timed(

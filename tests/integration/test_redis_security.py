@@ -53,25 +53,6 @@ def make_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeRedis]:
             server.stop()
 
 
-@pytest.fixture
-def pools(tmp_path: Path) -> Iterator[Callable[[str], WorkerPool]]:
-    """Factory ``pools(broker_url) -> WorkerPool``; every worker is stopped at teardown and
-    its log tail printed (shown by pytest for a failed test)."""
-    made: list[WorkerPool] = []
-
-    def factory(broker_url: str) -> WorkerPool:
-        pool = WorkerPool(broker_url, tmp_path / f"cluster{len(made)}")
-        made.append(pool)
-        return pool
-
-    try:
-        yield factory
-    finally:
-        for pool in made:
-            pool.stop_all()
-            print(pool.report())
-
-
 def sync_one_run(make_registry, pool: WorkerPool, tmp_path: Path) -> dict:
     """Push TAGS to a source registry, start one worker, ``syncer plan --wait --json``;
     assert exit 0 and digest-identical images at the destination. Returns the summary with
@@ -111,14 +92,14 @@ def secret_forms(secret: str) -> list[str]:
 
 
 @pytest.mark.timeout(60)
-def test_password_protected_redis(make_registry, make_redis, pools, tmp_path):
+def test_password_protected_redis(make_registry, make_redis, cluster, tmp_path):
     server = make_redis(password=REDIS_PASSWORD)
     url = server.url
     assert url.startswith("redis://:") and f"@{server.host}/0" in url
     with pytest.raises(redis.AuthenticationError):  # the password is really required
         plain_client(server).ping()
 
-    pool = pools(url)
+    pool = cluster(url)
     summary = sync_one_run(make_registry, pool, tmp_path)
 
     # The run was recorded in this (password-protected) Redis.
@@ -136,7 +117,7 @@ def test_password_protected_redis(make_registry, make_redis, pools, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_redis_over_tls(make_registry, make_redis, pools, tmp_path):
+def test_redis_over_tls(make_registry, make_redis, cluster, tmp_path):
     server = make_redis(tls=True)
     url = server.url
     assert url.startswith("rediss://")
@@ -144,7 +125,7 @@ def test_redis_over_tls(make_registry, make_redis, pools, tmp_path):
     with pytest.raises(redis.ConnectionError):  # plain TCP is refused: TLS only
         plain_client(server).ping()
 
-    pool = pools(url)
+    pool = cluster(url)
     summary = sync_one_run(make_registry, pool, tmp_path)
 
     client = redis.Redis.from_url(url)
@@ -155,7 +136,7 @@ def test_redis_over_tls(make_registry, make_redis, pools, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_tls_certificate_is_verified_by_broker_and_ledger(make_redis, pools, tmp_path):
+def test_tls_certificate_is_verified_by_broker_and_ledger(make_redis, cluster, tmp_path):
     """``ssl_ca_certs`` is really used: against a CA that did not sign the server's
     certificate, both the worker's broker connection (kombu) and plan's ledger client
     (redis-py) refuse the server, instead of silently falling back to ``CERT_NONE``."""
@@ -163,7 +144,7 @@ def test_tls_certificate_is_verified_by_broker_and_ledger(make_redis, pools, tmp
     other_ca = make_server_tls(tmp_path / "other-ca").ca_cert
     url = server.url.replace(f"ssl_ca_certs={server.ca_file}", f"ssl_ca_certs={other_ca}")
     assert url != server.url
-    pool = pools(url)
+    pool = cluster(url)
     worker = pool.start("w1", None, wait=False)
     worker.wait_for_log(r"Cannot connect to rediss://.*CERTIFICATE_VERIFY_FAILED", 20,
                         "the broker to refuse the certificate")
@@ -178,14 +159,14 @@ def test_tls_certificate_is_verified_by_broker_and_ledger(make_redis, pools, tmp
 
 
 @pytest.mark.timeout(30)
-def test_wrong_redis_password_fails_without_showing_either_password(make_redis, pools,
+def test_wrong_redis_password_fails_without_showing_either_password(make_redis, cluster,
                                                                     tmp_path):
     server = make_redis(password=REDIS_PASSWORD)
     wrong = "wrong/Pa55:w@rd-0000"
     url = server.url.replace(urllib.parse.quote(REDIS_PASSWORD, safe=""),
                              urllib.parse.quote(wrong, safe=""))
     assert url != server.url
-    pool = pools(url)
+    pool = cluster(url)
     rules = tmp_path / "images.json"
     rules.write_text(json.dumps({"127.0.0.1:9/a/b:v1": "127.0.0.1:9/c/d"}))  # never contacted
     for args in (["plan", "--images", str(rules), "--json"], ["status", "run-x", "--json"]):
@@ -198,9 +179,9 @@ def test_wrong_redis_password_fails_without_showing_either_password(make_redis, 
 
 
 @pytest.mark.timeout(60)
-def test_password_and_tls_together(make_registry, make_redis, pools, tmp_path):
+def test_password_and_tls_together(make_registry, make_redis, cluster, tmp_path):
     server = make_redis(password=REDIS_PASSWORD, tls=True)
-    pool = pools(server.url)
+    pool = cluster(server.url)
     summary = sync_one_run(make_registry, pool, tmp_path)
     pool.stop_all()
     log = pool.logs()
@@ -215,9 +196,9 @@ def test_password_and_tls_together(make_registry, make_redis, pools, tmp_path):
 
 
 @pytest.mark.timeout(30)
-def test_bare_rediss_url_verifies_the_broker_certificate(make_redis, pools):
+def test_bare_rediss_url_verifies_the_broker_certificate(make_redis, cluster):
     server = make_redis(tls=True)  # its CA is private: nothing in the system store signed it
-    pool = pools(f"rediss://{server.host}/0")
+    pool = cluster(f"rediss://{server.host}/0")
     worker = pool.start("w1", None, wait=False)
     match = worker.wait_for_log(r"CERTIFICATE_VERIFY_FAILED| ready\.", 20,
                                 "the worker to connect or refuse the certificate")
@@ -225,9 +206,9 @@ def test_bare_rediss_url_verifies_the_broker_certificate(make_redis, pools):
 
 
 @pytest.mark.timeout(30)
-def test_redis_errors_are_one_line_with_the_url_masked(make_redis, pools, tmp_path):
+def test_redis_errors_are_one_line_with_the_url_masked(make_redis, cluster, tmp_path):
     server = make_redis(password=REDIS_PASSWORD)
-    pool = pools(server.url.replace(urllib.parse.quote(REDIS_PASSWORD, safe=""), "wrong"))
+    pool = cluster(server.url.replace(urllib.parse.quote(REDIS_PASSWORD, safe=""), "wrong"))
     done = run_syncer(pool.env, "status", "run-x", timeout=30)
     assert done.returncode == 1
     assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr, done.stderr

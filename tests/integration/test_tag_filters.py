@@ -6,9 +6,7 @@ counted in the source registry's access log; malformed filters refused with exit
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,10 +14,10 @@ import pytest
 import yaml
 
 from tests.support import images
+from tests.support.celery_workers import clean_env, run_syncer
 
 pytestmark = pytest.mark.integration
 
-BIN = Path(sys.executable).parent
 AMD64 = ("linux", "amd64", None)
 ARM64 = ("linux", "arm64", "v8")
 UNKNOWN = ("unknown", "unknown", None)
@@ -37,11 +35,10 @@ VERSION_TAGS = [
 ]
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The venv's ``syncer`` console script, output captured as text."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCER_", "DEFAULT_"))}
-    return subprocess.run([str(BIN / "syncer"), *args], capture_output=True, text=True,
-                          env={**environ, **(env or {})}, timeout=100, check=False)
+def run_cli(directory: Path, *args: str) -> subprocess.CompletedProcess:
+    """The venv's ``syncer`` console script, output captured as text, isolated from the
+    machine's settings (:func:`clean_env` in ``directory``)."""
+    return run_syncer(clean_env(directory), *args, timeout=100)
 
 
 def push_tags(registry, repo: str, tags: list[str], seed: str) -> str:
@@ -92,7 +89,7 @@ def test_exclude_semver_and_latest_on_55_tags(make_registry, tmp_path):
     images_file = tmp_path / "images.yaml"
     images_file.write_text(yaml.safe_dump(rules))
 
-    dry = run_cli("sync", "--images", str(images_file), "--dry-run")
+    dry = run_cli(tmp_path, "sync", "--images", str(images_file), "--dry-run")
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert planned(dry.stdout) == expected
     assert "30 images planned, 0 rules failed" in dry.stdout
@@ -105,7 +102,7 @@ def test_exclude_semver_and_latest_on_55_tags(make_registry, tmp_path):
     assert "filters/latest (exclude /-rc/, latest 4 by semver): 4 of 55 tags selected " \
            "(3 excluded, 7 skipped as not versions, 41 beyond latest)" in log, log
 
-    done = run_cli("sync", "--images", str(images_file))
+    done = run_cli(tmp_path, "sync", "--images", str(images_file))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "30 synced" in done.stdout
     for repo, tags in expected.items():
@@ -167,7 +164,7 @@ def test_latest_by_created_time_on_55_tags(make_registry, tmp_path):
     expected = {"multi", "multi-arch", *(f"b3-{k}" for k in range(5))}
 
     mark = src.log_mark()
-    dry = run_cli("sync", "--images", str(images_file), "--dry-run")
+    dry = run_cli(tmp_path, "sync", "--images", str(images_file), "--dry-run")
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert planned(dry.stdout) == {"mirror/app": expected}
     assert "reading the created time of 53 tags in 1 repositories" in dry.stderr
@@ -188,7 +185,7 @@ def test_latest_by_created_time_on_55_tags(make_registry, tmp_path):
             gets["config"] += 1
     assert gets == {"tag manifest": 53, "child manifest": 1, "config": 12}, gets
 
-    done = run_cli("sync", "--images", str(images_file))
+    done = run_cli(tmp_path, "sync", "--images", str(images_file))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "7 synced" in done.stdout
     assert set(images.list_tags(dst, "mirror/app")) == expected
@@ -211,7 +208,7 @@ def test_malformed_filters_exit_2_one_line_each_before_any_request(make_registry
     for images_file in (tmp_path / "images.yaml", tmp_path / "images.json"):
         images_file.write_text(json.dumps(document) if images_file.suffix == ".json"
                                else yaml.safe_dump(document))
-        done = run_cli("sync", "--images", str(images_file), "--dry-run")
+        done = run_cli(tmp_path, "sync", "--images", str(images_file), "--dry-run")
         assert done.returncode == 2, done.stdout + done.stderr
         lines = done.stderr.strip().splitlines()
         prefix = f"error: {images_file}: "

@@ -13,7 +13,8 @@ small override module named in ``SYNCER_CELERY_CONFIG`` (the documented hook) th
 kombu sweep for expired unacknowledged messages every second: kombu 5.7's event loop sweeps
 only every ``unacked_restore_interval * unacked_restore_throttle`` = 10 s x 10 = 100 s by
 default, so a short visibility timeout alone would not make redelivery quick. Tests of the
-liveness layer pass ``None`` for all three and run with what a user gets by default.
+liveness layer pass :data:`USER_DEFAULTS` (``None`` for all three) and run with what a user
+gets by default.
 """
 
 from __future__ import annotations
@@ -53,31 +54,48 @@ _DROP_ENV = ("SYNCER_", "CELERY_", "FLOWER_", "HTTP_PROXY", "HTTPS_PROXY", "http
              "https_proxy", "ALL_PROXY", "all_proxy", "DEFAULT_REGISTRY", "DEFAULT_NAMESPACE")
 
 
+#: The "all liveness timings at their defaults" options of :func:`syncer_env` (and so of the
+#: ``cluster`` fixture): no variable, no override module — what a user runs.
+USER_DEFAULTS: dict[str, Any] = {
+    "visibility_timeout": None, "task_time_limit": None, "restore_interval": None}
+
+
+def clean_env(directory: Path, **extra: str) -> dict[str, str]:
+    """The environment of a ``syncer`` (or other tool's) subprocess, isolated from the machine.
+
+    Variables that would change the child's behaviour (``SYNCER_*``, ``CELERY_*``,
+    ``FLOWER_*``, proxies, ``DEFAULT_REGISTRY``/``DEFAULT_NAMESPACE``) are dropped; docker's
+    config.json is replaced by an empty ``directory/docker-config``, so only the auth files
+    the test writes provide credentials (a developer's ``credsStore`` is never called).
+    ``extra`` variables are set last (e.g. a ``DOCKER_CONFIG`` of the test's own).
+    """
+    docker_config = directory / "docker-config"
+    docker_config.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP_ENV)}
+    env.update({"DOCKER_CONFIG": str(docker_config), "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
 def syncer_env(broker_url: str, directory: Path, *, visibility_timeout: int | None = 15,
                task_time_limit: int | None = 120, restore_interval: int | None = 1,
                extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a ``syncer`` subprocess bound to ``broker_url``.
 
-    Variables that would change the child's behaviour (``SYNCER_*``, ``FLOWER_*``, proxies)
-    are dropped; docker's config.json is replaced by an empty directory, so only the auth
-    files the test writes provide credentials. ``None`` for ``visibility_timeout``,
-    ``task_time_limit`` or ``restore_interval`` keeps what a user gets by default (no
-    variable, no override module).
+    :func:`clean_env` (no machine settings, an empty docker config) plus the broker URL.
+    ``None`` for ``visibility_timeout``, ``task_time_limit`` or ``restore_interval`` keeps
+    what a user gets by default (no variable, no override module; see
+    :data:`USER_DEFAULTS`).
     """
     directory.mkdir(parents=True, exist_ok=True)
     if restore_interval is not None:
         (directory / f"{OVERRIDES_MODULE}.py").write_text(
             _OVERRIDES_SOURCE % {"interval": restore_interval})
-    docker_config = directory / "docker-config"
-    docker_config.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP_ENV)}
+    env = clean_env(directory)
     python_path = [str(directory), *filter(None, [env.get("PYTHONPATH")])]
     env.update({
         "SYNCER_BROKER_URL": str(broker_url),
         "PYTHONPATH": os.pathsep.join(python_path),
-        "PYTHONUNBUFFERED": "1",
-        "DOCKER_CONFIG": str(docker_config),
-        "NO_COLOR": "1",
     })
     if visibility_timeout is not None:
         env["SYNCER_VISIBILITY_TIMEOUT"] = str(visibility_timeout)

@@ -34,7 +34,7 @@ import struct
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -409,16 +409,8 @@ class CountingProxy:
         ``HEAD``, a ``201``/``202`` without body, a 404 pass through and do not consume the
         fault). ``Range`` requests are forwarded as-is, so a ``206`` can be cut too.
         """
-        self._arm(
-            _Fault(
-                "truncate",
-                n,
-                path_contains=path_contains,
-                method=method and method.upper(),
-                skip=after,
-                offset=after_bytes,
-            )
-        )
+        self._arm_body_fault("truncate", n, path_contains, method, offset=after_bytes,
+                             after=after)
 
     def corrupt_next(
         self,
@@ -433,16 +425,7 @@ class CountingProxy:
         body's byte at offset ``at_byte`` (same length, wrong content, so a digest check is
         the only way to notice). Applies, like :meth:`truncate_next`, only to ``2xx``
         responses whose body is longer than ``at_byte``."""
-        self._arm(
-            _Fault(
-                "corrupt",
-                n,
-                path_contains=path_contains,
-                method=method and method.upper(),
-                skip=after,
-                offset=at_byte,
-            )
-        )
+        self._arm_body_fault("corrupt", n, path_contains, method, offset=at_byte, after=after)
 
     def chaos(
         self,
@@ -504,21 +487,41 @@ class CountingProxy:
             self._faults.clear()
             self._chaos = None
 
-    def _arm(self, fault: _Fault) -> None:
+    def _arm_body_fault(
+        self,
+        kind: Literal["truncate", "corrupt"],
+        n: int,
+        path_contains: str | None,
+        method: str | None,
+        *,
+        offset: int,
+        after: int,
+    ) -> None:
+        """Arm a response-body fault (:meth:`truncate_next`, :meth:`corrupt_next`)."""
+        fault = _Fault(kind, n, path_contains=path_contains, method=method and method.upper(),
+                       skip=after, offset=offset)
         with self._lock:
             self._faults.append(fault)
+
+    def _consume(self, applies: Callable[[_Fault], bool]) -> _Fault | None:
+        """The first armed fault for which ``applies(fault)``, consumed: a fault still
+        letting matching requests through (``skip``) lets this one through and is not
+        returned. Call with the lock held."""
+        for fault in self._faults:
+            if not applies(fault):
+                continue
+            if fault.skip > 0:
+                fault.skip -= 1
+                continue
+            fault.remaining -= 1
+            return fault
+        return None
 
     def _take_fault(self, method: str, uri: str) -> _Fault | None:
         """The first armed request-phase fault matching this request, consumed."""
         with self._lock:
-            for fault in self._faults:
-                if fault.kind not in _RESPONSE_KINDS and fault.matches(method, uri):
-                    if fault.skip > 0:
-                        fault.skip -= 1
-                        continue
-                    fault.remaining -= 1
-                    return fault
-        return None
+            return self._consume(
+                lambda fault: fault.kind not in _RESPONSE_KINDS and fault.matches(method, uri))
 
     def _take_response_fault(
         self, method: str, uri: str, status: int, body_length: int | None
@@ -526,18 +529,17 @@ class CountingProxy:
         """The first armed body fault (truncate/corrupt) that can apply to this response."""
         if method == "HEAD" or not 200 <= status < 300 or body_length == 0:
             return None
+
+        def applies(fault: _Fault) -> bool:
+            return (
+                fault.kind in _RESPONSE_KINDS
+                and fault.matches(method, uri)
+                # nothing to cut or flip at an offset past the end of the body
+                and (body_length is None or fault.offset < body_length)
+            )
+
         with self._lock:
-            for fault in self._faults:
-                if fault.kind not in _RESPONSE_KINDS or not fault.matches(method, uri):
-                    continue
-                if body_length is not None and fault.offset >= body_length:
-                    continue  # nothing to cut or flip at that offset
-                if fault.skip > 0:
-                    fault.skip -= 1
-                    continue
-                fault.remaining -= 1
-                return fault
-        return None
+            return self._consume(applies)
 
     def _decide(self, method: str, uri: str) -> _Decision:
         """Armed faults first, then a chaos draw."""

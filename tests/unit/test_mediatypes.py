@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from syncer.copy.copier import filter_index
+from syncer.copy.platforms import filter_index
 from syncer.registry.client import Manifest, sha256_digest
 from syncer.registry.errors import RegistryError
 from syncer.registry.mediatypes import (

@@ -7,10 +7,14 @@ other. syncer runs with its defaults (``--proc`` included). Measured in three pr
 - ``loopback``: the tools talk to the registries directly; the run is CPU-bound (tool and
   registries share the cores), so CPU per request is what counts. Requests are counted from
   the registries' access logs (a proxy in the path would cost CPU of its own).
-- ``latency``: a :class:`tests.support.proxy.CountingProxy` delaying every request by
-  ``BENCH_LATENCY_MS`` (25 ms) in front of each registry: a far-away registry, where round
-  trips and parallelism count. Also a ``--proc`` sweep and the distributed mode (one worker
-  of 8 vs two workers of 8, ``syncer plan --wait``).
+- ``latency``: a :class:`tests.support.delayproxy.DelayProxy` in front of each registry, a
+  TCP relay adding a ``BENCH_LATENCY_MS`` (25 ms) round trip to every request/response
+  exchange: a far-away registry, where round trips and parallelism count. The relay parses
+  no HTTP and keeps one upstream connection per client connection, so it costs less CPU than
+  an HTTP proxy (its CPU is printed beside the registries'); requests are counted at the
+  registries' access logs.
+  Also a ``--proc`` sweep and the distributed mode (one worker of 8 vs two workers of 8,
+  ``syncer plan --wait``).
 - ``faults``: the layer-heavy sync through fault-injecting proxies: clean, then 10 % and 30 %
   of the requests on each side answered 500 / 503 / 429 (``Retry-After: 1``), reset, or cut
   part way; the outcome is checked by digest at the registries.
@@ -20,15 +24,18 @@ all, one 16 KiB layer each), full sync then a no-op re-run (repeated: its spread
 ``layers`` — 24 images of 3 layers (7 MB, one shared). Plus ``memory``: one 600 MB layer vs
 a 6 MB one copied with ``syncer copy``, the peak RSS must stay flat.
 
-Each row: wall time and ratio to skopeo, requests per image per side (source + destination,
-listing included), the tool's own CPU (user + system, from GNU time) and per request, the
-registries' CPU meanwhile, peak RSS. Benchmarks report; they are not timed tests (the exit
-code says only whether every run succeeded, every syncer full sync landed digest-identical —
-checked at the registries after the timed part — and the memory stayed flat).
+syncer runs as installed: its modules compiled to bytecode first (``compileall``, what ``pip
+install`` does), so no run pays for compiling them (``PYTHONDONTWRITEBYTECODE`` is set on some
+machines). Each row: wall time and ratio to skopeo, requests per image per side (source +
+destination, listing included), the tool's own CPU (user + system, from GNU time) and per
+request, the registries' CPU meanwhile, peak RSS. Benchmarks report; they are not timed tests
+(the exit code says only whether every run succeeded, every syncer full sync landed digest-
+identical — checked at the registries after the timed part — and the memory stayed flat).
 
 Knobs (environment): ``BENCH_PROFILES`` (``loopback,latency,faults,memory``),
 ``BENCH_SMALL_TAGS`` (60 per repository), ``BENCH_IMAGES`` (24 layer-heavy images),
-``BENCH_LATENCY_MS`` (25), ``BENCH_PROCS`` (``--proc`` sweep in the latency profile,
+``BENCH_LATENCY_MS`` (25), ``BENCH_FAR_LATENCY_MS`` (100: one worker vs two again there;
+0 skips it), ``BENCH_PROCS`` (``--proc`` sweep in the latency profile,
 ``4,8,16``; empty: none), ``BENCH_NOOP_RUNS`` (5), ``BENCH_DISTRIBUTED`` (1; 0 skips the
 Celery runs), ``BENCH_BIG_MB`` (600), ``BENCH_FAULT_RATES`` (``0.1,0.3``),
 ``BENCH_FAULT_SEED``, ``BENCH_TIMEOUT`` (seconds per tool run, 900). A quick run (about a
@@ -38,6 +45,7 @@ BENCH_PROCS= BENCH_NOOP_RUNS=2 .venv/bin/python -m scripts.bench``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -56,6 +64,7 @@ from scripts.benchkit import (
     Measure,
     RequestCounter,
     Run,
+    compile_bytecode,
     group_cpu,
     kill_session,
     landed,
@@ -64,6 +73,7 @@ from scripts.benchkit import (
     poll_peak,
     read_time,
     registry_cpu,
+    relay_cpu,
     seed_layers,
     seed_small,
     syncer_bin,
@@ -73,6 +83,7 @@ from scripts.benchkit import (
 from scripts.benchreport import fault_table, run_table
 from tests.support import images
 from tests.support.celery_workers import WorkerProcess, group_members, syncer_env
+from tests.support.delayproxy import DelayProxy
 from tests.support.proxy import CountingProxy
 from tests.support.registry import RedisServer, RegistryProcess
 
@@ -82,6 +93,7 @@ SMALL_TAGS = int(os.environ.get("BENCH_SMALL_TAGS", "60"))
 SMALL_REPOS = ("small/a", "small/b")
 IMAGES = int(os.environ.get("BENCH_IMAGES", "24"))
 LATENCY = float(os.environ.get("BENCH_LATENCY_MS", "25")) / 1000
+FAR_LATENCY = float(os.environ.get("BENCH_FAR_LATENCY_MS", "100")) / 1000
 PROCS = [int(p) for p in os.environ.get("BENCH_PROCS", "4,8,16").split(",") if p.strip()]
 NOOP_RUNS = max(1, int(os.environ.get("BENCH_NOOP_RUNS", "5")))
 DISTRIBUTED = os.environ.get("BENCH_DISTRIBUTED", "1") != "0"
@@ -107,9 +119,11 @@ class Bench:
         self.noops: dict[tuple[str, str], list[Run]] = {}
         self.sweep: list[Run] = []
         self.distributed: list[Run] = []
+        self.far: list[Run] = []  # the same at BENCH_FAR_LATENCY_MS
         self.pools: dict[str, Measure] = {}
         self.faulty: list[Run] = []
         self.memory: tuple[Measure, Measure, Measure] | None = None
+        self.relay_cpu: float | None = None  # the latency profile's delay relays, in all
 
     @property
     def small_images(self) -> int:
@@ -200,14 +214,21 @@ class Bench:
                 print("  distributed: one worker, prefork vs threads (4 at once)…", flush=True)
                 self.pools = {pool: self.measure_pool(dst, pool) for pool in ("prefork", "threads")}
 
+    @contextlib.contextmanager
+    def far_away(self, name: str, rtt: float):
+        """A fresh destination registry ``name``, a delay relay of ``rtt`` in front of each
+        registry, and the request counters of both sides."""
+        with RegistryProcess(self.tmp / name) as dst, \
+                DelayProxy(self.src.host, rtt) as src_proxy, \
+                DelayProxy(dst.host, rtt) as dst_proxy:
+            yield dst, src_proxy, dst_proxy, (RequestCounter(self.src, relay=src_proxy),
+                                              RequestCounter(dst, relay=dst_proxy))
+
     def latency(self) -> None:
         """Both tools through delaying proxies; the ``--proc`` sweep; workers of 8."""
-        print(f"profile latency ({LATENCY * 1000:.0f} ms per request)…", flush=True)
-        with RegistryProcess(self.tmp / "dst-latency") as dst, \
-                CountingProxy(self.src) as src_proxy, CountingProxy(dst) as dst_proxy:
-            src_proxy.latency(LATENCY)
-            dst_proxy.latency(LATENCY)
-            sides = (RequestCounter(self.src, src_proxy), RequestCounter(dst, dst_proxy))
+        print(f"profile latency ({LATENCY * 1000:.0f} ms round trip)…", flush=True)
+        with self.far_away("dst-latency", LATENCY) as (dst, src_proxy, dst_proxy, sides):
+            relays_before = relay_cpu(src_proxy, dst_proxy)
             self.side_by_side("latency", src_proxy.host, dst_proxy.host, sides)
             for proc in PROCS:
                 commands = self.syncer_small(src_proxy.host, dst_proxy.host, f"sweep-{proc}",
@@ -218,6 +239,20 @@ class Bench:
                 for workers in (1, 2):
                     self.distributed.append(
                         self.measure_workers(dst, src_proxy, dst_proxy, sides, workers, 8))
+            self.relay_cpu = relay_cpu(src_proxy, dst_proxy) - relays_before
+        if DISTRIBUTED and FAR_LATENCY:
+            self.far_workers()
+
+    def far_workers(self) -> None:
+        """One worker of 8 vs two through relays of ``BENCH_FAR_LATENCY_MS`` (100 ms): a
+        registry far enough that the run is bound by round trips, not by this machine's two
+        cores (which the registries, the relays and the workers share at 25 ms)."""
+        profile = f"latency {FAR_LATENCY * 1000:.0f} ms"
+        print(f"profile {profile} (distributed only)…", flush=True)
+        with self.far_away("dst-far", FAR_LATENCY) as (dst, src_proxy, dst_proxy, sides):
+            for workers in (1, 2):
+                self.far.append(self.measure_workers(dst, src_proxy, dst_proxy, sides,
+                                                     workers, 8, profile))
 
     def faults(self) -> None:
         """The layer-heavy sync of both tools through fault-injecting proxies: clean first,
@@ -291,20 +326,22 @@ class Bench:
             finally:
                 worker.stop()
 
-    def measure_workers(self, dst: RegistryProcess, src_proxy: CountingProxy,
-                        dst_proxy: CountingProxy, sides, count: int, concurrency: int) -> Run:
-        """The small workload through the delaying proxies on ``count`` workers of
+    def measure_workers(self, dst: RegistryProcess, src_proxy: DelayProxy,
+                        dst_proxy: DelayProxy, sides, count: int, concurrency: int,
+                        profile: str = "latency") -> Run:
+        """The small workload through the delay relays on ``count`` workers of
         ``concurrency`` (threads pool): ``syncer plan --wait``, CPU of the workers and the
-        planner, requests at the proxies."""
+        planner, requests at the registries."""
         label = f"small: {count} worker{'s' if count > 1 else ''} x {concurrency}"
-        print(f"  latency / {label}…", flush=True)
-        with RedisServer(self.tmp / f"redis-w{count}") as redis_server:
+        print(f"  {profile} / {label}…", flush=True)
+        name = f"w{count}-{profile.split()[-1]}"  # unique per profile: fresh namespaces, files
+        with RedisServer(self.tmp / f"redis-{name}") as redis_server:
             env = syncer_env(
-                redis_server.url, self.tmp / f"env-w{count}",
+                redis_server.url, self.tmp / f"env-{name}",
                 extra={"SYNCER_ALLOWED_REGISTRIES": f"{src_proxy.host},{dst_proxy.host}"})
-            commands = self.syncer_small(src_proxy.host, dst_proxy.host, f"workers-{count}")
-            workers = [WorkerProcess(f"bench-w{count}-{i}", None, env,
-                                     self.tmp / f"worker-w{count}-{i}.log",
+            commands = self.syncer_small(src_proxy.host, dst_proxy.host, f"workers-{name}")
+            workers = [WorkerProcess(f"bench-{name}-{i}", None, env,
+                                     self.tmp / f"worker-{name}-{i}.log",
                                      concurrency=concurrency) for i in range(count)]
             try:
                 for worker in workers:
@@ -312,15 +349,17 @@ class Bench:
                 for side in sides:
                     side.mark()
                 before = sum(registry_cpu(r) for r in (self.src, dst))
+                relays_before = relay_cpu(src_proxy, dst_proxy)
                 result, workers_cpu = self.plan_and_wait(commands[0], env, workers)
                 after = sum(registry_cpu(r) for r in (self.src, dst))
+                relays = relay_cpu(src_proxy, dst_proxy) - relays_before
             finally:
                 for worker in workers:
                     worker.stop()
         result.cpu += workers_cpu
-        run = Run("latency", label, "syncer", self.small_images, result,
-                  sides[0].count(), sides[1].count(), after - before)
-        return self.check_landed(run, dst, f"workers-{count}")
+        run = Run(profile, label, "syncer", self.small_images, result,
+                  sides[0].count(), sides[1].count(), after - before, relays)
+        return self.check_landed(run, dst, f"workers-{name}")
 
     def plan_and_wait(self, sync_command: list[str], env: dict,
                       workers: list[WorkerProcess]) -> tuple[Measure, float]:
@@ -413,8 +452,8 @@ def report(bench: Bench) -> tuple[str, bool]:
     lines = [
         f"syncer {' '.join(syncer_bin()[1:])} (defaults) vs skopeo; small = "
         f"{bench.small_images} images, layers = {IMAGES} images; requests counted at the "
-        "registries' access logs (loopback) or at the proxies; own CPU = user + system of the "
-        "tool's processes; figures vary run to run.",
+        "registries' access logs (loopback, latency) or at the proxies (faults); own CPU = "
+        "user + system of the tool's processes; figures vary run to run.",
         "",
         *run_table(bench.runs, reference=reference),
     ]
@@ -434,16 +473,24 @@ def report(bench: Bench) -> tuple[str, bool]:
         if mine and theirs and theirs.result.seconds:
             ratio = mine.result.seconds / theirs.result.seconds
             checks.append(f"latency {workload}: {ratio:.3f}x skopeo (target <= {target}x)")
+    if bench.relay_cpu is not None:
+        lines += ["", f"latency profile: the two delay relays used {bench.relay_cpu:.2f} s of CPU "
+                  "over the whole profile (every run of both tools; on the same 2 cores)."]
     if bench.sweep:
         lines += ["", "`--proc` sweep (latency profile, small workload, full sync):", "",
                   *run_table(bench.sweep)]
     if bench.distributed:
         lines += ["", "Distributed (latency profile, `syncer plan --wait`, threads pool; own CPU "
-                  "= workers + planner, RSS = workers):", "", *run_table(bench.distributed)]
+                  "= workers + planner, RSS = workers):", "",
+                  *run_table([*bench.distributed, *bench.far])]
         if len(bench.distributed) == 2 and bench.distributed[0].result.seconds:
             ratio = bench.distributed[1].result.seconds / bench.distributed[0].result.seconds
             checks.append(f"two workers of 8 vs one: {ratio:.2f}x (target <= "
                           f"{DISTRIBUTED_TARGET}x)")
+    if bench.far and len(bench.far) == 2 and bench.far[0].result.seconds:
+        ratio = bench.far[1].result.seconds / bench.far[0].result.seconds
+        checks.append(f"two workers of 8 vs one at {FAR_LATENCY * 1000:.0f} ms: "
+                      f"{ratio:.2f}x")
     if bench.pools:
         lines += ["", "| worker pool (plan --wait, 1 worker x 4, layers) | seconds "
                   "| worker RSS MB (all processes) |", "|---|---|---|"]
@@ -463,7 +510,7 @@ def report(bench: Bench) -> tuple[str, bool]:
                   f"({theirs.peak_rss_mb:.1f} MB)"]
     if checks:
         lines += ["", "Targets (issue 9): " + "; ".join(checks)]
-    everything = [*bench.runs, *bench.sweep, *bench.distributed]
+    everything = [*bench.runs, *bench.sweep, *bench.distributed, *bench.far]
     ok = (
         flat
         and not any(r.result.exit_code for r in everything if r.tool == "syncer")
@@ -490,6 +537,7 @@ def main() -> int:
         print("bench needs skopeo and GNU time (apt-get install skopeo time)", file=sys.stderr)
         return 2
     OUT.mkdir(exist_ok=True)
+    compile_bytecode()
     with tempfile.TemporaryDirectory(prefix="syncer-bench-") as tmp_name:
         tmp = Path(tmp_name)
         with RegistryProcess(tmp / "src") as src:

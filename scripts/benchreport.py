@@ -26,7 +26,8 @@ def run_table(runs: list[Run], *, reference: dict[tuple[str, str], Run] | None =
         lines.append(
             f"| {run.profile} | {run.workload} | {run.tool}{failed} | {run.result.seconds:.2f} "
             f"| {ratio} | {per_image(run)} | {run.result.cpu:.2f} "
-            f"| {run.cpu_ms_per_request:.2f} | {run.registries_cpu:.2f} "
+            f"| {run.cpu_ms_per_request:.2f} | {run.registries_cpu:.2f}"
+            f"{f' (+ relays {run.relays_cpu:.2f})' if run.relays_cpu else ''} "
             f"| {run.result.peak_rss_mb:.0f} |"
         )
     return lines

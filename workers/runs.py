@@ -262,7 +262,7 @@ def wait_for(
     ledger: RedisLedger,
     *,
     show_progress: bool,
-    poll: float = 0.5,
+    poll: float = 0.2,
     stall_timeout: float | None = None,
     reap: Callable[[], int] | None = None,
     clock: Callable[[], float] = time.monotonic,
@@ -270,11 +270,12 @@ def wait_for(
     """Poll the ledger until every job is final (riding out a Redis restart); return the
     final summary.
 
-    A poll reads the run's counts only (:meth:`RedisLedger.tally`, one script, no job
-    record); the full summary is read once, at the end (or for the stall report). ``reap()``
-    runs at every poll (by default :func:`planner_reaper`, which throttles itself; pass
-    ``reap=lambda: 0`` for none). Raises :class:`RunStalled` after ``stall_timeout`` seconds
-    without progress (None: the default, 600 s; 0: wait forever), and
+    A poll reads the run's counts only (:meth:`RedisLedger.tally`, one script, no job record:
+    about a millisecond, so ``poll`` can be short — a run ends at most ``poll`` seconds after
+    its last job); the full summary is read once, at the end (or for the stall report).
+    ``reap()`` runs at every poll (by default :func:`planner_reaper`, which throttles itself;
+    pass ``reap=lambda: 0`` for none). Raises :class:`RunStalled` after ``stall_timeout``
+    seconds without progress (None: the default, 600 s; 0: wait forever), and
     :class:`~workers.redis_ledger.RunNotFound` if the run vanishes.
     """
     if reap is None:

@@ -40,13 +40,12 @@ import re
 import time
 from collections.abc import Callable, Iterator
 
-import requests
-
 from syncer.registry.bounds import BODY_READ_ERRORS
 from syncer.registry.client import RegistryClient
 from syncer.registry.errors import IntegrityError, RegistryError, TimeLimitExceeded, TransportError
 from syncer.registry.retry import REQUEST_RETRIES, RetryPolicy, deadline_scope
 from syncer.registry.uploads import STREAM_CHUNK, UploadSession
+from syncer.registry.wire import Response
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ class BlobReader:
         self._position = 0  # bytes hashed and handed out (or re-read) so far
         self._checkpoints: dict[int, hashlib._Hash] = {0: hashlib.new(algorithm)}
         self._pending = b""  # bytes received from the wire, not yet handed out
-        self._response: requests.Response | None = None
+        self._response: Response | None = None
         self._stream: Iterator[bytes] | None = None
         self._wire = 0  # offset of the next byte the open response will deliver
         self._discard = 0  # bytes of the open response to drop (a Range that was ignored)
@@ -290,10 +289,10 @@ class BlobReader:
             response.close()
             raise
         self._response = response
-        self._stream = response.raw.stream(self._chunk_size, decode_content=False)
+        self._stream = response.iter_content(self._chunk_size)
         self._wire, self._discard = offset, skip
 
-    def _check_response(self, response: requests.Response, offset: int) -> int:
+    def _check_response(self, response: Response, offset: int) -> int:
         """Validate a blob GET's answer; return how many leading body bytes to drop."""
         what = f"blob {self.digest[:19]}"
         registry = self.client.registry

@@ -12,8 +12,8 @@ The flow (distribution's ``docs/spec/auth/token.md``, used by Docker Hub, Harbor
    ``Authorization: Bearer <token>``.
 
 A ``Basic`` challenge is answered with the credentials directly, and from then on sent up front.
-Redirects are followed by requests, which drops ``Authorization`` when the host changes — that
-matters because real registries redirect blob GETs to object storage.
+Redirects are followed by :mod:`syncer.registry.wire`, which drops ``Authorization`` when the
+origin changes — that matters because real registries redirect blob GETs to object storage.
 
 Token fetches are *single-flight* per scope set: when many threads need a token for the same
 scopes at once (a run starting, a token expiring), one fetches it under a lock per scope key
@@ -27,14 +27,13 @@ credential, token or refresh token ever reaches an exception or a log line.
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlparse
-
-import requests
+from urllib.parse import urlencode, urlparse
 
 from syncer.registry import observe
 from syncer.registry.credentials import Credentials
@@ -54,6 +53,7 @@ from syncer.registry.retry import (
     parse_retry_after,
 )
 from syncer.registry.singleflight import SingleFlight
+from syncer.registry.wire import HttpClient, Response, WireError
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,7 @@ class Authenticator:
     def __init__(
         self,
         registry: str,
-        session: requests.Session,
-        timeout: tuple[float, float],
+        http: HttpClient,
         verify: bool | str = True,
         *,
         gate: Gate | None = None,
@@ -132,8 +131,7 @@ class Authenticator:
     ):
         self.registry = registry
         self._verify = verify
-        self._session = session
-        self._timeout = timeout
+        self._http = http
         self._gate: Gate = gate if gate is not None else HostGate()
         self._policy = retry_policy
         self._tokens = TokenCache()
@@ -158,7 +156,7 @@ class Authenticator:
 
     def answer_challenge(
         self,
-        response: requests.Response,
+        response: Response,
         scopes: tuple[str, ...],
         credentials: Credentials,
         rejected: str | None = None,
@@ -240,28 +238,27 @@ class Authenticator:
         self._gate.wait(realm_host)
         try:
             if credentials.identity_token:
-                response = self._session.post(
-                    realm,
-                    data=[
-                        *query,
-                        ("grant_type", "refresh_token"),
-                        ("client_id", "image-syncer-py"),
-                        ("refresh_token", credentials.identity_token),
-                    ],
-                    timeout=self._timeout,
-                    verify=verify,
+                form = urlencode([
+                    *query,
+                    ("grant_type", "refresh_token"),
+                    ("client_id", "image-syncer-py"),
+                    ("refresh_token", credentials.identity_token),
+                ])
+                response = self._http.send(
+                    "POST", realm,
+                    {"Content-Type": "application/x-www-form-urlencoded"}, form, verify=verify,
                 )
             else:
                 headers = {"Authorization": basic_header(credentials)} if credentials else {}
-                response = self._session.get(
-                    realm, params=query, headers=headers, timeout=self._timeout, verify=verify
-                )
-        except requests.RequestException as exc:
+                url = realm + ("&" if "?" in realm else "?") + urlencode(query)
+                response = self._http.send("GET", url, headers, verify=verify)
+        except WireError as exc:
             if observe.observer is not None:
                 observe.observer.request(self.registry, _token_method(credentials), "token",
                                          None)
             raise TransportError(
-                f"token server unreachable: {type(exc).__name__}", registry=self.registry
+                f"token server unreachable: {exc.kind}", registry=self.registry,
+                transient=exc.kind != "tls",
             ) from None
         watcher = observe.observer
         if watcher is not None:
@@ -273,7 +270,7 @@ class Authenticator:
             return self._read_token(response, realm_host, credentials)
 
     def _read_token(
-        self, response: requests.Response, realm_host: str, credentials: Credentials
+        self, response: Response, realm_host: str, credentials: Credentials
     ) -> tuple[str, float]:
         status = response.status_code
         if status in (401, 403):
@@ -315,7 +312,8 @@ class Authenticator:
 
 def basic_header(credentials: Credentials) -> str:
     """The ``Authorization: Basic`` value for ``credentials``."""
-    return requests.auth._basic_auth_str(credentials.username, credentials.password)
+    pair = f"{credentials.username}:{credentials.password}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
 def _token_method(credentials: Credentials) -> str:

@@ -19,21 +19,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-import requests
-import urllib3
-
 from syncer.registry.errors import IntegrityError, RegistryError, UnsupportedManifestError
+from syncer.registry.wire import Response, WireError
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_TAGS = 100_000
 _READ_CHUNK = 64 * 1024
-#: Failures of a streamed body read: urllib3's ProtocolError (IncompleteRead, reset) and
-#: ReadTimeoutError are HTTPErrors, requests wraps some of them, a socket error can surface raw.
-BODY_READ_ERRORS = (urllib3.exceptions.HTTPError, requests.RequestException, OSError)
+#: Failures of a streamed body read: the wire's (cut short, reset, timed out); a socket error
+#: is one too, should one surface raw.
+BODY_READ_ERRORS = (WireError, OSError)
 
 
 def read_manifest_body(
-    response: requests.Response, what: str, registry: str, limit: int | None = None
+    response: Response, what: str, registry: str, limit: int | None = None
 ) -> bytes:
     """The body of a streamed manifest response, at most ``limit`` bytes (default
     :data:`MAX_MANIFEST_BYTES`); closes ``response``.
@@ -52,9 +50,9 @@ def read_manifest_body(
                 body += chunk
                 if len(body) > limit:
                     raise _too_large(what, registry, None, limit)
-        except requests.RequestException as exc:
+        except BODY_READ_ERRORS as exc:
             raise IntegrityError(
-                f"{what}: body cut short after {len(body)} bytes ({type(exc).__name__})",
+                f"{what}: body cut short after {len(body)} bytes ({_kind(exc)})",
                 registry=registry,
             ) from None
         encoded = response.headers.get("Content-Encoding", "identity") != "identity"
@@ -65,6 +63,10 @@ def read_manifest_body(
         return bytes(body)
     finally:
         response.close()
+
+
+def _kind(exc: BaseException) -> str:
+    return exc.kind if isinstance(exc, WireError) else type(exc).__name__
 
 
 def _too_large(what: str, registry: str, size: int | None, limit: int) -> RegistryError:

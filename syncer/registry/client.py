@@ -17,8 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urljoin
 
-import requests
-
 from syncer.registry.auth import repository_scope
 from syncer.registry.bounds import capped_tags, read_manifest_body
 from syncer.registry.credentials import Credentials, CredentialStore
@@ -39,6 +37,7 @@ from syncer.registry.mediatypes import (
 from syncer.registry.retry import REQUEST_RETRIES, current_deadline
 from syncer.registry.transport import DEFAULT_TIMEOUT, Transport
 from syncer.registry.uploads import BlobUploads, UploadSession, UploadSource, UploadStart
+from syncer.registry.wire import Response
 
 log = logging.getLogger(__name__)
 # RFC 8288 Link header, as the spec pages tags/catalog/referrers: `<url>; rel="next"`.
@@ -112,7 +111,7 @@ class RegistryClient:
             yield from body.get(key) or []
             url = self.next_page(response, path)
 
-    def next_page(self, response: requests.Response, path: str) -> str:
+    def next_page(self, response: Response, path: str) -> str:
         """The URL of the page after ``response`` (a page of ``path``): its ``Link: <...>;
         rel="next"`` resolved against the registry (it is usually relative), or ``""`` at the
         end. For every paged list: tags, catalog, referrers."""
@@ -245,7 +244,7 @@ class RegistryClient:
         response.close()
         return response.status_code == 200
 
-    def open_blob(self, repository: str, digest: str, offset: int = 0) -> requests.Response:
+    def open_blob(self, repository: str, digest: str, offset: int = 0) -> Response:
         """Start a streaming GET of a blob, from ``offset`` on (a ``Range`` request).
 
         A ranged GET is answered ``206`` — or ``200`` with the whole body by a registry that

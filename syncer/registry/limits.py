@@ -52,10 +52,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import requests
-
 from syncer.registry.errors import TimeLimitExceeded
 from syncer.registry.retry import current_deadline
+from syncer.registry.wire import Response
 
 log = logging.getLogger(__name__)
 
@@ -276,11 +275,11 @@ class BoundLimit:
 
 def limited(
     bound: BoundLimit | None,
-    send: Callable[[], requests.Response],
+    send: Callable[[], Response],
     *,
     stream: bool = False,
     ready: Callable[[], None] | None = None,
-) -> requests.Response:
+) -> Response:
     """``send()`` within a slot of ``bound`` (just ``send()`` when None); ``ready`` is the
     host-gate wait, run again once the slot and the turn are there.
 

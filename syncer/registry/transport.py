@@ -2,7 +2,9 @@
 in-place retries and the shared rate-limit gate.
 
 This is the one place where HTTP responses become the typed errors of :mod:`syncer.registry.errors`
-(:func:`raise_for_response`), and where requests' exceptions become :class:`TransportError`.
+(:func:`raise_for_response`), and where failures of the wire
+(:class:`~syncer.registry.wire.WireError`: no complete answer) become :class:`TransportError`.
+HTTP itself is :mod:`syncer.registry.wire`.
 
 **Retries where the fault happens.** Every request whose body can be sent again (no body,
 ``bytes`` or ``str``: ping, token fetch, HEAD/GET manifest, tags and catalog pages, blob HEAD,
@@ -14,13 +16,12 @@ past the copy's deadline (:func:`syncer.registry.retry.current_deadline`). A str
 only until its headers arrive — its body belongs to the caller. A streamed upload body (an
 iterator) cannot be replayed, so it is not retried here; the blob code resumes it one layer up.
 
-Why not urllib3's ``Retry`` (``HTTPAdapter(max_retries=Retry(...))``)? It works below this
-layer and sees only status codes: it would resend a refused ``Authorization`` instead of
-running the token flow again, cannot read the spec error codes of a body (``TOOMANYREQUESTS``
-in a 400, ``UNAVAILABLE``), never sees a body that breaks after the headers (requests reads it
-after urllib3 has returned), sleeps a ``Retry-After`` without our cap-then-defer rule, and
-knows neither the shared host gate nor the copy's deadline. So the adapter keeps
-``max_retries=0`` and the one :class:`~syncer.registry.retry.RetryPolicy` drives a small loop here.
+Why here and not in the HTTP layer (as urllib3's ``Retry`` would)? Below this layer only
+status codes are seen: a refused ``Authorization`` would be resent instead of running the
+token flow again, the spec error codes of a body (``TOOMANYREQUESTS`` in a 400,
+``UNAVAILABLE``) and a body that breaks after the headers go unseen, and neither the shared
+host gate nor the copy's deadline is known. So :mod:`~syncer.registry.wire` never retries and
+the one :class:`~syncer.registry.retry.RetryPolicy` drives a small loop here.
 
 **Rate limits are shared.** Before each request the transport waits at the process's
 :class:`~syncer.registry.hostgate.Gate`; a 429 (or a 503 with ``Retry-After``: the one rule is
@@ -33,17 +34,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
 import re
-import ssl
 import threading
 from collections.abc import Iterable
 from typing import NoReturn
 from urllib.parse import urlparse
-
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.ssl_ import create_urllib3_context
 
 from syncer.registry import observe
 from syncer.registry.auth import Authenticator
@@ -67,16 +62,16 @@ from syncer.registry.retry import (
     current_deadline,
     parse_retry_after,
 )
+from syncer.registry.wire import DEFAULT_TIMEOUT, HttpClient, Response, WireError
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "image-syncer-py/0.1"
 # Connections kept per host. Sockets are opened lazily, so a large pool costs nothing; it must
 # cover the requests in flight at once — images at once x (blob workers + 1 manifest request):
-# at most 256 (`--proc`, `--concurrency`) x (4 + 1) — or urllib3 opens a throw-away connection
-# for each request past it (and warns).
+# at most 256 (`--proc`, `--concurrency`) x (4 + 1) — or connections past it are closed after
+# one request and opened again for the next.
 POOL_SIZE = 256 * (4 + 1)
-DEFAULT_TIMEOUT = (10.0, 120.0)  # (connect, read) seconds; read = max silence between bytes
 _NOT_FOUND_CODES = {"NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN", "BLOB_UPLOAD_UNKNOWN"}
 _TRANSIENT_CODES = {"TOOMANYREQUESTS", "UNAVAILABLE", "UNKNOWN"}
 
@@ -93,11 +88,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _retry_after(response: requests.Response) -> float | None:
+def _retry_after(response: Response) -> float | None:
     return parse_retry_after(response.headers.get("Retry-After"))
 
 
-def _spec_errors(response: requests.Response, secrets: Iterable[str]) -> tuple[SpecError, ...]:
+def _spec_errors(response: Response, secrets: Iterable[str]) -> tuple[SpecError, ...]:
     """The spec error entries of ``response``'s body, each message masked of ``secrets`` and
     then cut to 200 characters (in that order: a cut first could leave a secret's prefix)."""
     try:
@@ -116,7 +111,7 @@ def _spec_errors(response: requests.Response, secrets: Iterable[str]) -> tuple[S
 
 
 def raise_for_response(
-    response: requests.Response,
+    response: Response,
     registry: str,
     what: str,
     secrets: Iterable[str] = (),
@@ -196,27 +191,11 @@ class Transport:
         self.limit = (limiter or Limiter()).bind(
             registry, Limit(settings.max_concurrency, settings.requests_per_second)
         )
-        self.session = requests.Session()  # trust_env: HTTP(S)_PROXY / NO_PROXY are honoured
-        self.session.headers["User-Agent"] = USER_AGENT
-        # ~/.netrc is not a source of registry credentials: requests would look it up (three
-        # stat calls) on every request and, on a match, overwrite our Authorization header.
-        self.session.auth = _NO_AUTH
-        self._environment: dict[str, tuple[dict[str, str], bool | str]] = {}
-        # Passed on every request: requests lets REQUESTS_CA_BUNDLE override a session's
-        # ``verify`` (psf/requests#3829), which would silently drop a configured CA.
+        # HTTP(S)_PROXY / NO_PROXY are honoured (syncer.registry.wire).
+        self.http = HttpClient(timeout=timeout, pool_size=pool_size, user_agent=USER_AGENT)
         self.verify: bool | str = False if settings.insecure else (settings.ca_file or True)
-        self.session.verify = self.verify
-        # max_retries=0: retries are ours (see the module docstring for why not urllib3's).
-        adapter = _TLSContextAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
-        self.session.mount("https://", adapter)
-        self.session.mount("http://", adapter)
-        if settings.insecure:
-            import urllib3
-
-            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         self.authenticator = Authenticator(
-            registry, self.session, timeout, self.verify, gate=self.gate,
-            retry_policy=retry_policy,
+            registry, self.http, self.verify, gate=self.gate, retry_policy=retry_policy,
         )
         self._base_url: str | None = None
         self._base_lock = threading.Lock()
@@ -235,56 +214,50 @@ class Transport:
         https = f"https://{self.host}"
         self.gate.wait(self.host)
         try:
-            answer = limited(self.limit, lambda: self.session.get(
-                f"{https}/v2/", timeout=self.timeout, allow_redirects=False, verify=self.verify
+            answer = limited(self.limit, lambda: self.http.send(
+                "GET", f"{https}/v2/", {}, verify=self.verify, follow_redirects=False
             ))
-            answer.close()
             self._observe("GET", answer.url, answer.status_code)
             return https
-        except requests.exceptions.SSLError as exc:
-            tls_error: requests.RequestException = exc
-        except requests.RequestException as exc:
+        except WireError as exc:
             if not plain_allowed:
                 self._observe("GET", f"{https}/v2/", None)
                 raise self._transport_error("ping", exc) from None
             tls_error = exc
-        if plain_allowed:
-            http = f"http://{self.host}"
-            try:
-                answer = limited(self.limit, lambda: self.session.get(
-                    f"{http}/v2/", timeout=self.timeout, allow_redirects=False
-                ))
-            except requests.RequestException as exc:
-                # Neither scheme answered: a network fault (retried), not a TLS verdict.
-                self._observe("GET", f"{http}/v2/", None)
-                raise self._transport_error("ping", exc) from None
-            self._observe("GET", answer.url, answer.status_code)
-            with answer:
-                # A TLS-only server answers plain HTTP with a 400; a registry answers 200 or
-                # 401, or a transient 5xx/429 (a proxy or a registry in trouble: try again).
-                if answer.status_code in (200, 401):
-                    return http
-                if answer.status_code >= 500 or answer.status_code in (408, 429):
-                    self._observe("GET", answer.url, answer.status_code, failed=True)
-                    self._raise_for(answer, "ping")
+        http = f"http://{self.host}"
+        try:
+            answer = limited(self.limit, lambda: self.http.send(
+                "GET", f"{http}/v2/", {}, follow_redirects=False
+            ))
+        except WireError as exc:
+            # Neither scheme answered: a network fault (retried), not a TLS verdict.
+            self._observe("GET", f"{http}/v2/", None)
+            raise self._transport_error("ping", exc) from None
+        self._observe("GET", answer.url, answer.status_code)
+        # A TLS-only server answers plain HTTP with a 400; a registry answers 200 or 401, or
+        # a transient 5xx/429 (a proxy or a registry in trouble: try again).
+        if answer.status_code in (200, 401):
+            return http
+        if answer.status_code >= 500 or answer.status_code in (408, 429):
+            self._observe("GET", answer.url, answer.status_code, failed=True)
+            self._raise_for(answer, "ping")
         self._observe("GET", f"{https}/v2/", None)
         raise self._transport_error("ping", tls_error) from None
 
-    def _transport_error(self, what: str, exc: Exception) -> TransportError:
-        if isinstance(exc, requests.exceptions.SSLError):
+    def _transport_error(self, what: str, exc: WireError) -> TransportError:
+        if exc.kind == "tls":
             return TransportError(
                 f"{what}: TLS verification failed (configure ca_file, or insecure: true): "
                 f"{_brief(exc)}",
                 registry=self.registry,
                 transient=False,
             )
-        if isinstance(
-            exc, requests.exceptions.ChunkedEncodingError | requests.exceptions.ContentDecodingError
-        ):
+        if exc.kind in ("redirects", "proxy"):
+            return TransportError(f"{what}: {_brief(exc)}", registry=self.registry,
+                                  transient=exc.kind == "proxy")
+        if exc.kind == "cut":
             return TransportError(f"{what}: body cut short: {_brief(exc)}", registry=self.registry)
-        return TransportError(
-            f"{what}: {type(exc).__name__}: {_brief(exc)}", registry=self.registry
-        )
+        return TransportError(f"{what}: {_brief(exc)}", registry=self.registry)
 
     def request(
         self,
@@ -300,7 +273,7 @@ class Transport:
         stream: bool = False,
         allow: Iterable[int] = (),
         registry_auth: bool = True,
-    ) -> requests.Response:
+    ) -> Response:
         """Send one request, answering an auth challenge once, retrying transient failures.
 
         ``path`` is relative to the base URL (``/v2/...``) or an absolute URL (an upload
@@ -316,7 +289,7 @@ class Transport:
         scope_key = tuple(scopes)
         allowed = set(ok) | set(allow)
 
-        def attempt() -> requests.Response:
+        def attempt() -> Response:
             return self._attempt(
                 method, url, repository, scope_key, what, allowed, headers, data, stream,
                 registry_auth,
@@ -350,7 +323,7 @@ class Transport:
     def _attempt(
         self, method, url, repository, scope_key, what, allowed, headers, data, stream,
         registry_auth,
-    ) -> requests.Response:
+    ) -> Response:
         sent_headers = dict(headers or {})
         credentials = self.store.entry_for(self.registry, repository).credentials
         if registry_auth:
@@ -385,7 +358,7 @@ class Transport:
                 response.close()
         return response
 
-    def _raise_for(self, response: requests.Response, what: str) -> NoReturn:
+    def _raise_for(self, response: Response, what: str) -> NoReturn:
         """The error path of a response the caller does not accept: pause the answering host
         if the response says so (:func:`~syncer.registry.hostgate.pause_after`), then raise
         its typed error. ``Retry-After`` is parsed once, here, for both."""
@@ -401,75 +374,25 @@ class Transport:
             f"{what}: unexpected HTTP {status}", registry=self.registry, status=status
         )
 
-    def _send(self, method, url, headers, data, stream, what) -> requests.Response:
-        origin, netloc = _origin(url)
+    def _send(self, method, url, headers, data, stream, what) -> Response:
+        netloc = _origin(url)[1]
         self.gate.wait(netloc)
         try:
             # Within a slot of the registry's limits, if it has any (held until a streamed
             # body is closed: see syncer.registry.limits).
             response = limited(
                 self.limit,
-                lambda: self._dispatch(method, url, origin, headers, data, stream),
+                lambda: self.http.send(method, url, headers, data, stream=stream,
+                                       verify=self.verify),
                 stream=stream,
                 ready=lambda: self.gate.wait(netloc),  # a 429 pause begun while waiting
             )
-        except requests.RequestException as exc:
+        except WireError as exc:
             self._observe(method, url, None)
             raise self._transport_error(what, exc) from None
         if observe.observer is not None:  # metrics off: this check is all it costs
             self._observe(method, url, response.status_code)
         return response
-
-    def _dispatch(self, method, url, origin, headers, data, stream) -> requests.Response:
-        """``session.request`` without its per-request cost: the request is prepared here and
-        handed to ``session.send`` (which still follows redirects, dropping Authorization on
-        another host, and keeps cookies), with the environment's proxies and CA bundle looked
-        up once per origin. ``Session.request`` would re-merge every session setting through
-        requests' Protocol ``isinstance`` checks and re-read the whole environment
-        (``getproxies_environment``) on each call: together more CPU than the HTTP exchange."""
-        proxies, verify = self._environment_for(origin, url)
-        request = requests.PreparedRequest()
-        # The steps of PreparedRequest.prepare, in its order, but an absolute URL made only
-        # of URI characters (ours: names and digests checked by the reference parser, and
-        # registry-issued Locations) is used as it is: requests' parse-and-requote (a Python
-        # loop over every character of a long upload ``_state``) would give it back unchanged.
-        request.prepare_method(method)
-        if _PLAIN_URL.match(url):
-            request.url = url
-        else:
-            request.prepare_url(url, None)
-        request.prepare_headers({**self.session.headers, **headers})
-        if self.session.cookies:
-            request.prepare_cookies(self.session.cookies)
-        else:  # what prepare_cookies leaves (redirects extract into it), minus the jar walk
-            request._cookies = self.session.cookies
-        request.prepare_body(data, None, None)
-        if "@" in url:  # prepare_auth(None) only takes credentials from the URL's userinfo
-            request.prepare_auth(None, url)
-        request.prepare_hooks(self.session.hooks)
-        return self.session.send(
-            request, stream=stream, timeout=self.timeout, verify=verify, proxies=proxies,
-            allow_redirects=True,
-        )
-
-    def _environment_for(self, origin: str, url: str) -> tuple[dict[str, str], bool | str]:
-        """The proxies and ``verify`` value requests would derive from the environment for
-        ``origin`` (``HTTP(S)_PROXY``/``NO_PROXY``; ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``
-        when TLS is verified against the default store), computed on first use."""
-        found = self._environment.get(origin)
-        if found is None:
-            proxies = dict(self.session.proxies)
-            verify = self.verify
-            if self.session.trust_env:
-                proxies.update(requests.utils.get_environ_proxies(url))
-                if verify is True:
-                    verify = (
-                        os.environ.get("REQUESTS_CA_BUNDLE")
-                        or os.environ.get("CURL_CA_BUNDLE")
-                        or True
-                    )
-            found = self._environment[origin] = (proxies, verify)
-        return found
 
     def _observe(self, method: str, url: str, status: int | None, *, failed: bool = False) -> None:
         """Tell the installed :mod:`~syncer.registry.observe` observer, if any, about a request
@@ -485,78 +408,10 @@ class Transport:
 
     def close(self) -> None:
         """Close pooled connections."""
-        self.session.close()
+        self.http.close()
 
 
-class _TLSContextAdapter(HTTPAdapter):
-    """An ``HTTPAdapter`` that uses one ``SSLContext`` per ``verify`` value and process, not
-    one per connection.
-
-    requests hands urllib3 a CA *path* (``ca_certs``, certifi's bundle by default), so every
-    new HTTPS connection made a fresh context and parsed the whole bundle again — some 50 ms
-    of CPU per connection, times the pool size per registry. Here the context (same settings:
-    urllib3's defaults, CERT_REQUIRED with hostname check, the same CA file or directory; or
-    CERT_NONE for an ``insecure`` registry) is made once and passed as ``ssl_context``.
-    """
-
-    # Shared by every adapter of the process (one per registry): an SSLContext is safe to
-    # use from many threads and connections at once.
-    _contexts: dict[bool | str, ssl.SSLContext] = {}
-    _contexts_lock = threading.Lock()
-
-    def _context(self, verify: bool | str) -> ssl.SSLContext:
-        with self._contexts_lock:
-            context = self._contexts.get(verify)
-            if context is None:
-                if verify is False:
-                    context = create_urllib3_context(cert_reqs=ssl.CERT_NONE)
-                else:
-                    context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
-                    where = requests.utils.DEFAULT_CA_BUNDLE_PATH if verify is True else verify
-                    try:
-                        if os.path.isdir(where):
-                            context.load_verify_locations(capath=where)
-                        else:
-                            context.load_verify_locations(cafile=where)
-                    except OSError as exc:  # ssl.SSLError too: not a CA file
-                        # What urllib3 would have met on connecting: a TLS error, not a crash.
-                        raise requests.exceptions.SSLError(
-                            f"cannot load the CA certificates {where}: {exc}"
-                        ) from None
-                self._contexts[verify] = context
-            return context
-
-    def build_connection_pool_key_attributes(self, request, verify, cert=None):
-        """requests' pool key, with our shared context in place of a CA path."""
-        host_params, pool_kwargs = super().build_connection_pool_key_attributes(
-            request, verify, cert
-        )
-        if host_params.get("scheme") == "https" and verify is not None:
-            pool_kwargs.pop("ca_certs", None)
-            pool_kwargs.pop("ca_cert_dir", None)
-            pool_kwargs["ssl_context"] = self._context(verify)
-        return host_params, pool_kwargs
-
-    def cert_verify(self, conn, url, verify, cert) -> None:
-        """As requests does, minus the CA path when the pool has our context (urllib3 would
-        load the path into that context again on every connection)."""
-        super().cert_verify(conn, url, verify, cert)
-        if getattr(conn, "conn_kw", {}).get("ssl_context") is not None:
-            conn.ca_certs = None
-            conn.ca_cert_dir = None
-
-
-class _NoAuth(requests.auth.AuthBase):
-    """Leaves a request as it is (set as the session's auth so requests skips ~/.netrc)."""
-
-    def __call__(self, request):
-        return request
-
-
-_NO_AUTH = _NoAuth()
 _ORIGIN_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)")
-# An http(s) URL with a host and only RFC 3986 characters: nothing for requests to requote.
-_PLAIN_URL = re.compile(r"^https?://[A-Za-z0-9.:\[\]-]+/[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*$")
 
 
 def _origin(url: str) -> tuple[str, str]:
@@ -568,12 +423,12 @@ def _origin(url: str) -> tuple[str, str]:
 
 
 def _is_replayable(data) -> bool:
-    """True for a body requests can send again: none, bytes, text, or form fields."""
-    return data is None or isinstance(data, bytes | str | dict | list | tuple)
+    """True for a body that can be sent again: none, bytes or text (not an iterator)."""
+    return data is None or isinstance(data, bytes | str)
 
 
-# A URL's query, up to whitespace, a quote or a parenthesis (how urllib3 and requests end a
-# URL in their messages: "... with url: /path?X-Amz-Signature=... (Caused by ...)").
+# A URL's query, up to whitespace, a quote or a parenthesis (how HTTP libraries end a URL in
+# their messages: "... with url: /path?X-Amz-Signature=... (Caused by ...)").
 _URL_QUERY = re.compile(r"\?[^\s'\"()]+")
 
 
@@ -582,7 +437,7 @@ def _brief(exc: BaseException, limit: int = 300) -> str:
 
     A blob GET is redirected to object storage with a presigned URL whose query *is* a
     credential (S3's ``X-Amz-Signature``, GCS's ``X-Goog-Signature``, Azure's ``sig``), and
-    urllib3 names the URL in "Max retries exceeded with url: …": without this it would reach
+    an HTTP error text may name the URL (a proxy's refusal, say): without this it would reach
     the exception, the ledger and the log lines.
     """
     text = _URL_QUERY.sub("?…", " ".join(str(exc).split()))

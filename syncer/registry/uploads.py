@@ -366,7 +366,7 @@ def _held_bytes(range_header: str, confirmed: int) -> int:
 
 
 class _SizedStream:
-    """An iterable body with a known length, so requests sends Content-Length, not chunked
+    """An iterable body with a known length, so the wire sends Content-Length, not chunked
     transfer encoding (some registries and proxies reject chunked uploads). ``failure``
     records an exception raised by the chunk source itself, to tell it apart from a
     failure of the request."""

@@ -111,7 +111,10 @@ def test_budget_exhausted_surfaces_the_transient_error(served):
     with pytest.raises(TransportError) as broken:
         client.list_tags(REPO)
     assert broken.value.transient
-    assert proxy.count("GET", "/tags/list") == REQUEST_RETRIES.max_retries + 1
+    # One more than the budget: the first try went out on a kept-alive connection, and a
+    # reset there is what a server closing an idle connection looks like, so the wire sends
+    # a GET once more on a new connection (syncer.registry.wire) before the policy counts.
+    assert proxy.count("GET", "/tags/list") == REQUEST_RETRIES.max_retries + 2
 
 
 def test_permanent_errors_are_not_retried(served, make_registry, make_proxy):

@@ -62,7 +62,7 @@ def test_blob_redirect_to_storage_drops_credentials():
             )
             client = RegistryClient(host, store)
             response = client.open_blob("a/b", DIGEST)
-            body = b"".join(response.raw.stream(65536, decode_content=False))
+            body = b"".join(response.iter_content(65536))
             response.close()
     assert body == BLOB
     assert seen_by_storage == [None]

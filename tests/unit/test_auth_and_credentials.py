@@ -112,8 +112,34 @@ def test_scrubber_removes_secrets_from_log_text():
 # -- token fetches: single-flight per scope, 429 with Retry-After, no secrets ----------------
 
 
+class CannedResponse:
+    """A :class:`syncer.registry.wire.Response` stand-in: a status, headers and a JSON body."""
+
+    def __init__(self, status: int, body=None, headers=None):
+        from email.message import Message
+
+        self.status_code = status
+        self.headers = Message()
+        for name, value in (headers or {}).items():
+            self.headers[name] = value
+        self.content = json.dumps(body if body is not None else {}).encode()
+        self.url = "https://auth.example/token"
+
+    def json(self):
+        return json.loads(self.content)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class FakeTokenSession:
-    """Stands in for requests.Session on the token endpoint: scripted answers, counted."""
+    """Stands in for the HTTP client on the token endpoint: scripted answers, counted."""
 
     def __init__(self, answers, delay=0.0):
         import threading
@@ -123,30 +149,21 @@ class FakeTokenSession:
         self.calls: list[dict] = []
         self._lock = threading.Lock()
 
-    def get(self, url, params=None, headers=None, timeout=None, verify=None):
+    def send(self, method, url, headers, body=None, *, stream=False, verify=True,
+             follow_redirects=True):
         import time
-
-        import requests
 
         time.sleep(self.delay)
         with self._lock:
-            self.calls.append({"url": url, "params": params, "headers": headers})
-            status, body, extra = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-        response = requests.Response()
-        response.status_code = status
-        response._content = json.dumps(body).encode()
-        response._content_consumed = True
-        response.headers.update(extra)
-        return response
+            self.calls.append({"method": method, "url": url, "headers": headers})
+            status, answer, extra = (self.answers.pop(0) if len(self.answers) > 1
+                                     else self.answers[0])
+        return CannedResponse(status, answer, extra)
 
 
 def bearer_401(realm="https://auth.example/token"):
-    import requests
-
-    response = requests.Response()
-    response.status_code = 401
-    response.headers["WWW-Authenticate"] = f'Bearer realm="{realm}",service="reg"'
-    return response
+    challenge = f'Bearer realm="{realm}",service="reg"'
+    return CannedResponse(401, headers={"WWW-Authenticate": challenge})
 
 
 def test_token_fetch_is_single_flight_per_scope():
@@ -155,7 +172,7 @@ def test_token_fetch_is_single_flight_per_scope():
     from syncer.registry.auth import Authenticator
 
     session = FakeTokenSession([(200, {"token": "t1", "expires_in": 300}, {})], delay=0.2)
-    auth = Authenticator("reg.example", session, (1, 1))
+    auth = Authenticator("reg.example", session)
     creds = Credentials("user", "pw-secret")
     results: list[str] = []
     barrier = threading.Barrier(8)
@@ -204,7 +221,7 @@ def test_token_server_429_is_rate_limited_with_retry_after_and_pauses_its_host()
     session = FakeTokenSession([(429, {"errors": [{"code": "TOOMANYREQUESTS"}]},
                                  {"Retry-After": "45"})])
     gate = HostGate()
-    auth = Authenticator("reg.example", session, (1, 1), gate=gate,
+    auth = Authenticator("reg.example", session, gate=gate,
                          retry_policy=RetryPolicy(max_retries=0))
     with pytest.raises(RateLimitedError) as caught:
         auth.answer_challenge(bearer_401(), ("repository:a/b:pull",),
@@ -224,13 +241,13 @@ def test_token_fetch_retried_in_place_and_refusals_name_no_secret():
 
     quick = RetryPolicy(max_retries=4, base=0.001, cap=0.001)
     session = FakeTokenSession([(503, {}, {}), (502, {}, {}), (200, {"token": "t2"}, {})])
-    auth = Authenticator("reg.example", session, (1, 1), retry_policy=quick)
+    auth = Authenticator("reg.example", session, retry_policy=quick)
     creds = Credentials("user", "pw-secret")
     assert auth.answer_challenge(bearer_401(), ("s",), creds) == "Bearer t2"
     assert len(session.calls) == 3
 
     refusing = FakeTokenSession([(401, {}, {})])
-    auth = Authenticator("reg.example", refusing, (1, 1), retry_policy=quick)
+    auth = Authenticator("reg.example", refusing, retry_policy=quick)
     with pytest.raises(AuthenticationError) as caught:
         auth.answer_challenge(bearer_401(), ("s",), creds)
     assert len(refusing.calls) == 1  # permanent: not retried

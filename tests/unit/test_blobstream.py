@@ -7,12 +7,12 @@ import hashlib
 from dataclasses import dataclass, field
 
 import pytest
-import urllib3
 
 from syncer.copy.blobstream import BlobReader
 from syncer.registry.errors import IntegrityError, TransportError
 from syncer.registry.retry import RetryPolicy
 from syncer.registry.uploads import _held_bytes
+from syncer.registry.wire import WireError
 
 BLOB = bytes(range(256)) * 40  # 10 240 bytes
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
@@ -24,11 +24,11 @@ class _Raw:
     body: bytes
     cut_after: int | None
 
-    def stream(self, amount: int, decode_content: bool = False):
+    def stream(self, amount: int):
         sent = 0
         while sent < len(self.body):
             if self.cut_after is not None and sent >= self.cut_after:
-                raise urllib3.exceptions.ProtocolError("Connection broken: IncompleteRead")
+                raise WireError("cut", "body cut short")
             end = min(sent + amount, len(self.body))
             if self.cut_after is not None:
                 end = min(end, self.cut_after)
@@ -45,6 +45,9 @@ class _Response:
 
     def close(self) -> None:
         self.closed = True
+
+    def iter_content(self, chunk_size: int):
+        return self.raw.stream(chunk_size)
 
 
 @dataclass

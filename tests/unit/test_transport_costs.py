@@ -1,16 +1,17 @@
-"""The transport's per-request shortcuts keep requests' behaviour: URLs sent as requests would
-send them, the environment's proxies looked up once per origin, one TLS context per process."""
+"""The transport's per-request costs: URLs sent as they are (quoted only when they must be),
+the environment's proxies looked up once per origin, one TLS context per process."""
 
 from __future__ import annotations
 
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler
 
 import pytest
-import requests
 
-from syncer.registry import transport as transport_module
+from syncer.registry import wire
 from syncer.registry.credentials import CredentialStore
+from syncer.registry.errors import TransportError
 from syncer.registry.transport import Transport, _origin
 from tests.support.httpserver import BackgroundServer
 
@@ -46,7 +47,7 @@ def test_origin(url, origin):
     assert _origin(url) == origin
 
 
-def test_urls_are_sent_as_requests_would_send_them(monkeypatch):
+def test_urls_are_sent_as_they_are_and_quoted_only_when_they_must_be(monkeypatch):
     monkeypatch.delenv("HTTP_PROXY", raising=False)
     monkeypatch.delenv("http_proxy", raising=False)
     _Recorder.seen = []
@@ -57,7 +58,7 @@ def test_urls_are_sent_as_requests_would_send_them(monkeypatch):
         targets = [
             "/v2/library/app/blobs/uploads/abc?_state=AbC-12_%2B%3D&digest=sha256%3A00",
             "/v2/library/app/tags/list?n=1000&last=v1.2~rc",
-            "/v2/a b/manifests/ü",  # not plain: requests' quoting applies
+            "/v2/a b/manifests/ü",  # not plain: quoted as UTF-8
         ]
         for target in targets:
             transport.request("GET", base + target, repository="library/app", scopes=(),
@@ -73,30 +74,32 @@ def test_environment_proxies_are_looked_up_once_per_origin(monkeypatch):
         monkeypatch.setenv(name, "direct.example.com")
     transport = Transport("reg.example.com", CredentialStore([], docker_config=False))
     calls = []
-    real = transport_module.requests.utils.get_environ_proxies
+    real = wire.environment_proxy
 
-    def counting(url, no_proxy=None):
-        calls.append(url)
-        return real(url, no_proxy=no_proxy)
+    def counting(scheme, netloc):
+        calls.append((scheme, netloc))
+        return real(scheme, netloc)
 
-    monkeypatch.setattr(transport_module.requests.utils, "get_environ_proxies", counting)
-    first = transport._environment_for("https://reg.example.com", "https://reg.example.com/v2/")
-    again = transport._environment_for("https://reg.example.com", "https://reg.example.com/v2/x")
-    direct = transport._environment_for("https://direct.example.com",
-                                        "https://direct.example.com/v2/")
+    monkeypatch.setattr(wire, "environment_proxy", counting)
+    first, target = transport.http._route("https://reg.example.com/v2/", True)
+    again, _ = transport.http._route("https://reg.example.com/v2/x", True)
+    direct, _ = transport.http._route("https://direct.example.com/v2/", True)
     assert first is again and len(calls) == 2
-    assert first[0].get("https") == "http://proxy.invalid:3128"
-    assert "https" not in direct[0]  # NO_PROXY honoured
+    assert target == "/v2/"
+    assert first.proxy == ("proxy.invalid", 3128)  # CONNECT tunnel through the proxy
+    assert direct.proxy is None  # NO_PROXY honoured
     transport.close()
 
 
 def test_one_tls_context_per_verify_value_for_the_whole_process():
     store = CredentialStore([], docker_config=False)
     one, two = Transport("a.example.com", store), Transport("b.example.com", store)
-    adapter_one = one.session.get_adapter("https://a.example.com/")
-    adapter_two = two.session.get_adapter("https://b.example.com/")
-    assert adapter_one._context(True) is adapter_two._context(True)
-    assert adapter_one._context(False) is not adapter_one._context(True)
+    route_one, _ = one.http._route("https://a.example.com/v2/", True)
+    route_two, _ = two.http._route("https://b.example.com/v2/", True)
+    assert route_one.context is route_two.context is wire.tls_context(True)
+    assert wire.tls_context(False) is not wire.tls_context(True)
+    assert wire.tls_context(False).verify_mode == ssl.CERT_NONE
+    assert wire.tls_context(True).verify_mode == ssl.CERT_REQUIRED
     one.close()
     two.close()
 
@@ -104,8 +107,15 @@ def test_one_tls_context_per_verify_value_for_the_whole_process():
 def test_an_unreadable_ca_file_is_a_tls_error_not_a_crash(tmp_path):
     bad = tmp_path / "not-a-ca.pem"
     bad.write_text("not a certificate\n")
-    transport = Transport("a.example.com", CredentialStore([], docker_config=False))
-    adapter = transport.session.get_adapter("https://a.example.com/")
-    with pytest.raises(requests.exceptions.SSLError):
-        adapter._context(str(bad))
+    with pytest.raises(wire.WireError) as caught:
+        wire.tls_context(str(bad))
+    assert caught.value.kind == "tls"
+    # Through the transport: a permanent TransportError naming the fix, not a crash.
+    store = CredentialStore([], docker_config=False)
+    transport = Transport("a.example.com", store)
+    transport.verify = str(bad)
+    transport._base_url = "https://a.example.com"
+    with pytest.raises(TransportError) as failed:
+        transport.request("GET", "/v2/", repository="x", scopes=(), what="probe")
+    assert not failed.value.transient and "TLS" in str(failed.value)
     transport.close()

@@ -45,7 +45,7 @@ from syncer.registry.client import RegistryClient
 from syncer.registry.errors import IntegrityError, RegistryError, TimeLimitExceeded, TransportError
 from syncer.registry.retry import REQUEST_RETRIES, RetryPolicy, deadline_scope
 from syncer.registry.uploads import STREAM_CHUNK, UploadSession
-from syncer.registry.wire import Response
+from syncer.registry.wire import Response, WireError
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,9 @@ class BlobReader:
         try:
             chunk = next(self._stream, b"")
         except BODY_READ_ERRORS as exc:
-            self._resume(f"read failed after {self._wire} bytes: {type(exc).__name__}")
+            # The wire's own words ("body cut short…", "read timed out"); no URL in them.
+            why = str(exc) if isinstance(exc, WireError) else type(exc).__name__
+            self._resume(f"read failed after {self._wire} bytes: {why}")
             return
         if not chunk:
             # A body that ends early without an error (no Content-Length, or a proxy that

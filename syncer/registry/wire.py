@@ -344,7 +344,7 @@ class HttpClient:
         """The route to ``url``'s origin (made on first use) and the request target."""
         match = _ORIGIN_RE.match(url)
         if match is None or match[1].lower() not in ("http", "https"):
-            raise WireError("protocol", f"not an http(s) URL: {url[:80]}")
+            raise WireError("protocol", f"not an http(s) URL: {url.split('?')[0][:80]}")
         origin = match[0]
         key = (origin, verify if match[1].lower() == "https" else False)
         route = self._routes.get(key)

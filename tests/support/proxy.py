@@ -825,9 +825,16 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                     altered[flip_at - sent] ^= 0xFF
                     data = bytes(altered)
                     record.injected = "corrupt"
-                self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data) if stream_chunked else data)
+                # Counted before the write: a client that has read the last byte must find
+                # it counted (the count is rolled back if the write fails).
+                record.response_bytes = sent + len(data)
+                try:
+                    self.wfile.write(
+                        b"%x\r\n%b\r\n" % (len(data), data) if stream_chunked else data)
+                except (OSError, http.client.HTTPException):
+                    record.response_bytes = sent
+                    raise
                 sent += len(data)
-                record.response_bytes = sent
             if stream_chunked:
                 self.wfile.write(b"0\r\n\r\n")
         except (OSError, http.client.HTTPException):

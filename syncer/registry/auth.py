@@ -48,9 +48,8 @@ from syncer.registry.reference import api_host
 from syncer.registry.retry import (
     REQUEST_RETRIES,
     RetryPolicy,
-    call_with_retries,
-    current_deadline,
     parse_retry_after,
+    retry_in_place,
 )
 from syncer.registry.singleflight import SingleFlight
 from syncer.registry.wire import HttpClient, Response, WireError
@@ -200,23 +199,12 @@ class Authenticator:
             cached = self._tokens.get(scopes)
             if cached is not None and f"Bearer {cached}" != rejected:
                 return cached  # another thread fetched it while we waited
-            token, expires_in = call_with_retries(
-                lambda: self._fetch_token(params, scopes, credentials),
-                self._policy,
-                on_retry=self._log_retry,
-                deadline=current_deadline(),
+            token, expires_in = retry_in_place(
+                lambda: self._fetch_token(params, scopes, credentials), self._policy,
+                registry=self.registry, what="token fetch",
             )
             self._tokens.put(scopes, token, expires_in)
             return token
-
-    def _log_retry(self, number: int, exc: BaseException, wait: float) -> None:
-        log.info(
-            "retry %d/%d in %.2fs: token fetch for %s: %s",
-            number, self._policy.max_retries, wait, self.registry, exc,
-            extra={"registry": self.registry, "error": str(exc)},
-        )
-        if observe.observer is not None:
-            observe.observer.retried(self.registry)
 
     def _fetch_token(
         self, params: dict[str, str], scopes: tuple[str, ...], credentials: Credentials

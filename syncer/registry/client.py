@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urljoin
 
-from syncer.registry.auth import repository_scope
 from syncer.registry.bounds import capped_tags, read_manifest_body
 from syncer.registry.credentials import Credentials, CredentialStore
 from syncer.registry.errors import (
@@ -89,7 +88,8 @@ class RegistryClient:
 
     # -- listing -----------------------------------------------------------------------------
 
-    def _paged(self, path: str, key: str, repository: str, scopes: tuple[str, ...], what: str):
+    def _paged(self, path: str, key: str, repository: str, what: str,
+               scopes: tuple[str, ...] | None = None):
         """Follow ``Link: <...>; rel="next"`` until the registry stops sending one.
 
         A short page does not mean the end (spec: clients must follow Link), so only the
@@ -100,7 +100,7 @@ class RegistryClient:
         while url and url not in seen:
             seen.add(url)
             response = self.transport.request(
-                "GET", url, repository=repository, scopes=scopes, what=what
+                "GET", url, repository=repository, what=what, scopes=scopes
             )
             try:
                 body = response.json()
@@ -121,9 +121,8 @@ class RegistryClient:
     def list_tags(self, repository: str) -> list[str]:
         """Every tag of ``repository``, following pagination (refused past
         :data:`~syncer.registry.bounds.MAX_TAGS`)."""
-        scopes = (repository_scope(repository, "pull"),)
         what = f"list tags of {repository}"
-        pages = self._paged(f"/v2/{repository}/tags/list", "tags", repository, scopes, what)
+        pages = self._paged(f"/v2/{repository}/tags/list", "tags", repository, what)
         return list(capped_tags(pages, what, self.registry))
 
     def catalog(self, namespace: str = "") -> Iterator[str]:
@@ -132,7 +131,8 @@ class RegistryClient:
         ``namespace`` only selects which auth entry's credentials to use.
         """
         return self._paged(
-            "/v2/_catalog", "repositories", namespace, ("registry:catalog:*",), "list catalog"
+            "/v2/_catalog", "repositories", namespace, "list catalog",
+            scopes=("registry:catalog:*",),
         )
 
     # -- manifests ---------------------------------------------------------------------------
@@ -143,7 +143,6 @@ class RegistryClient:
             "HEAD",
             f"/v2/{repository}/manifests/{reference}",
             repository=repository,
-            scopes=(repository_scope(repository, "pull"),),
             what=f"check manifest {repository}:{reference}",
             headers={"Accept": MANIFEST_ACCEPT},
             allow=(404,),
@@ -184,7 +183,6 @@ class RegistryClient:
             "GET",
             f"/v2/{repository}/manifests/{reference}",
             repository=repository,
-            scopes=(repository_scope(repository, "pull"),),
             what=what,
             headers={"Accept": MANIFEST_ACCEPT},
             stream=True,  # read with a cap (syncer.registry.bounds), never unbounded
@@ -215,7 +213,7 @@ class RegistryClient:
             "PUT",
             f"/v2/{repository}/manifests/{reference}",
             repository=repository,
-            scopes=(repository_scope(repository, "pull,push"),),
+            access="pull,push",
             what=what,
             headers={"Content-Type": manifest.media_type},
             data=manifest.body,
@@ -237,7 +235,6 @@ class RegistryClient:
             "HEAD",
             f"/v2/{repository}/blobs/{digest}",
             repository=repository,
-            scopes=(repository_scope(repository, "pull"),),
             what=f"check blob {digest[:19]}",
             allow=(404,),
         )
@@ -256,7 +253,6 @@ class RegistryClient:
             "GET",
             f"/v2/{repository}/blobs/{digest}",
             repository=repository,
-            scopes=(repository_scope(repository, "pull"),),
             what=f"get blob {digest[:19]}" + (f" from {offset}" if offset else ""),
             stream=True,
             headers={"Range": f"bytes={offset}-"} if offset else None,

@@ -110,10 +110,8 @@ def referrer_tags(tags: list[str]) -> dict[str, set[str]]:
 def fetch_referrers(client: RegistryClient, repository: str, digest: str) -> list[dict] | None:
     """The referrers API's list for ``digest`` (every page), or None when the registry has no
     referrers API. One GET per page; each page is read with the 4 MiB manifest cap."""
-    from syncer.registry.auth import repository_scope
     from syncer.registry.bounds import read_manifest_body
 
-    scopes = (repository_scope(repository, "pull"),)
     path = f"/v2/{repository}/referrers/{digest}"
     what = f"list referrers of {repository}@{digest[:19]}"
     found: list[dict] = []
@@ -123,7 +121,7 @@ def fetch_referrers(client: RegistryClient, repository: str, digest: str) -> lis
         seen.add(url)
         try:
             response = client.transport.request(
-                "GET", url, repository=repository, scopes=scopes, what=what,
+                "GET", url, repository=repository, what=what,
                 headers={"Accept": OCI_INDEX}, allow=_NO_API, stream=True,
             )
         except AuthenticationError as exc:

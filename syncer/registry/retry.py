@@ -24,6 +24,7 @@ the copy's thread (and any thread started with a copied context), not the proces
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +34,10 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
+from syncer.registry import observe
 from syncer.registry.errors import is_transient, retry_after
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -141,6 +145,32 @@ def call_with_retries(
             if on_retry is not None:
                 on_retry(retries_done, exc, wait)
             sleep(wait)
+
+
+def retry_in_place(
+    operation: Callable[[], T],
+    policy: RetryPolicy,
+    *,
+    registry: str,
+    what: str,
+    describe: Callable[[BaseException], str] = str,
+) -> T:
+    """:func:`call_with_retries` under :func:`current_deadline`, for a request retried where
+    it failed (the transport's requests, the authenticator's token fetches): each retry is
+    logged (``retry n/N in Xs: <what> at <registry>: <reason>``) and counted by the installed
+    :mod:`~syncer.registry.observe` observer. ``describe`` gives the reason's one-line text."""
+
+    def note(number: int, exc: BaseException, wait: float) -> None:
+        reason = describe(exc)
+        log.info(
+            "retry %d/%d in %.2fs: %s at %s: %s", number, policy.max_retries, wait, what,
+            registry, reason, extra={"registry": registry, "error": reason},
+        )
+        watcher = observe.observer
+        if watcher is not None:
+            watcher.retried(registry)
+
+    return call_with_retries(operation, policy, on_retry=note, deadline=current_deadline())
 
 
 @contextlib.contextmanager

@@ -41,7 +41,7 @@ from typing import NoReturn
 from urllib.parse import urlparse
 
 from syncer.registry import observe
-from syncer.registry.auth import Authenticator
+from syncer.registry.auth import Authenticator, repository_scope
 from syncer.registry.credentials import CredentialStore, mask_secrets
 from syncer.registry.errors import (
     AuthenticationError,
@@ -58,11 +58,10 @@ from syncer.registry.reference import api_host
 from syncer.registry.retry import (
     REQUEST_RETRIES,
     RetryPolicy,
-    call_with_retries,
-    current_deadline,
     parse_retry_after,
+    retry_in_place,
 )
-from syncer.registry.wire import DEFAULT_TIMEOUT, HttpClient, Response, WireError
+from syncer.registry.wire import DEFAULT_TIMEOUT, HttpClient, Response, WireError, split_origin
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +264,9 @@ class Transport:
         path: str,
         *,
         repository: str,
-        scopes: Iterable[str],
         what: str,
+        access: str = "pull",
+        scopes: Iterable[str] | None = None,
         ok: Iterable[int] = (200,),
         headers: dict[str, str] | None = None,
         data=None,
@@ -279,6 +279,8 @@ class Transport:
         ``path`` is relative to the base URL (``/v2/...``) or an absolute URL (an upload
         Location). Statuses in ``ok`` are returned; those in ``allow`` are returned too (e.g.
         404 for an existence check); anything else raises through :func:`raise_for_response`.
+        The token asked for is ``access`` (``pull``, ``pull,push``) to ``repository``, unless
+        ``scopes`` names the scopes (a mount's source repository, the catalog, none).
 
         A request with a replayable body (None, bytes, str) is retried in place on transient
         errors (see the module docstring); an iterator body is sent once.
@@ -286,7 +288,9 @@ class Transport:
         401 is not answered with the token flow — for APIs beside the registry's (Harbor's).
         """
         url = path if path.startswith(("http://", "https://")) else self.base_url + path
-        scope_key = tuple(scopes)
+        scope_key = (
+            (repository_scope(repository, access),) if scopes is None else tuple(scopes)
+        )
         allowed = set(ok) | set(allow)
 
         def attempt() -> Response:
@@ -304,21 +308,8 @@ class Transport:
 
     def _retrying(self, operation, what: str):
         """Run ``operation`` under the in-place policy, bounded by the current deadline."""
-
-        def note(number: int, exc: BaseException, wait: float) -> None:
-            reason = _brief(exc, 200)
-            log.info(
-                "retry %d/%d in %.2fs: %s at %s: %s",
-                number, self.retry_policy.max_retries, wait, what, self.registry,
-                reason, extra={"registry": self.registry, "error": reason},
-            )
-            watcher = observe.observer
-            if watcher is not None:
-                watcher.retried(self.registry)
-
-        return call_with_retries(
-            operation, self.retry_policy, on_retry=note, deadline=current_deadline()
-        )
+        return retry_in_place(operation, self.retry_policy, registry=self.registry, what=what,
+                              describe=lambda exc: _brief(exc, 200))
 
     def _attempt(
         self, method, url, repository, scope_key, what, allowed, headers, data, stream,
@@ -411,15 +402,10 @@ class Transport:
         self.http.close()
 
 
-_ORIGIN_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)")
-
-
 def _origin(url: str) -> tuple[str, str]:
-    """``(scheme://netloc, netloc)`` of an absolute URL (a cheaper ``urlparse``)."""
-    match = _ORIGIN_RE.match(url)
-    if match is None:
-        return "", ""
-    return match[0], match[2]
+    """``(scheme://netloc, netloc)`` of an absolute URL (``("", "")`` for a relative one)."""
+    origin, _, netloc = split_origin(url)
+    return origin, netloc
 
 
 def _is_replayable(data) -> bool:

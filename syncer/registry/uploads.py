@@ -134,7 +134,7 @@ class BlobUploads:
                 "POST",
                 f"/v2/{repository}/blobs/uploads/?{urlencode({'digest': digest})}",
                 repository=repository,
-                scopes=(repository_scope(repository, "pull,push"),),
+                access="pull,push",
                 what=f"upload blob {digest[:19]} in one request",
                 ok=(201, 202),
                 headers={"Content-Type": "application/octet-stream"},
@@ -170,7 +170,7 @@ class BlobUploads:
                 "DELETE",
                 urljoin(self.transport.base_url + "/", location),
                 repository=repository,
-                scopes=(repository_scope(repository, "pull,push"),),
+                access="pull,push",
                 what="cancel upload",
                 ok=(200, 202, 204),
                 allow=(404,),
@@ -200,7 +200,6 @@ class BlobUploads:
         (:func:`syncer.copy.blobstream.copy_blob`). The final ``?digest=`` has the registry
         check the whole blob too.
         """
-        scopes = (repository_scope(repository, "pull,push"),)
         size = source.size
         body: bytes | _SizedStream | None = None
         if session is None and self._single_post_for(size):
@@ -233,7 +232,7 @@ class BlobUploads:
                 "PUT",
                 _with_query(location, digest=digest),
                 repository=repository,
-                scopes=scopes,
+                access="pull,push",
                 what=f"upload blob {digest[:19]}",
                 ok=(201, 204),
                 headers={"Content-Type": "application/octet-stream"},
@@ -249,7 +248,6 @@ class BlobUploads:
     ) -> tuple[str, int]:
         """PATCH the rest of ``source`` in ``chunk_size`` pieces, in order, resuming broken
         ones from the session's status; return the last Location and the resumes used."""
-        scopes = (repository_scope(repository, "pull,push"),)
         size = source.size
         offset = source.tell()
         resumes = streak = 0  # streak: failures since the last PATCH that went through
@@ -261,7 +259,7 @@ class BlobUploads:
                     "PATCH",
                     location,
                     repository=repository,
-                    scopes=scopes,
+                    access="pull,push",
                     what=f"upload chunk at {offset}",
                     ok=(202, 204),
                     headers={
@@ -320,7 +318,7 @@ class BlobUploads:
             "GET",
             location,
             repository=repository,
-            scopes=(repository_scope(repository, "pull,push"),),
+            access="pull,push",
             what="upload status",
             ok=(204,),
         )

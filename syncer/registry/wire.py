@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 import os
 import re
 import select
@@ -45,7 +46,7 @@ DEFAULT_TIMEOUT = (10.0, 120.0)  # (connect, read) seconds; read = max silence b
 MAX_REDIRECTS = 10
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # safe to send twice
-_ORIGIN_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)")
+_ORIGIN_RE = re.compile(r"^(([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*))")
 # An http(s) URL with a host and only RFC 3986 characters: sent as it is, nothing to quote.
 _PLAIN_URL = re.compile(r"^https?://[A-Za-z0-9.:\[\]-]+/[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*$")
 # What may stay unquoted in a request target (RFC 3986 reserved and unreserved, and '%').
@@ -90,8 +91,6 @@ class Response:
 
     def json(self) -> Any:
         """The body parsed as JSON (``ValueError`` when it is not JSON)."""
-        import json
-
         return json.loads(self.content or b"null")
 
     def read(self, amount: int) -> bytes:
@@ -127,9 +126,6 @@ class Response:
             if not data:
                 return
             yield data
-
-    def _read_all(self) -> None:
-        self._content = b"".join(self.iter_content(256 * 1024))
 
     def _release(self) -> None:
         """The body has been read: the connection can serve the next request."""
@@ -337,23 +333,22 @@ class HttpClient:
                 connection = route.connect()
         response = Response(raw, url, connection, route.pool)
         if not stream:
-            response._read_all()
+            _ = response.content  # read now: the connection goes back to its pool
         return response
 
     def _route(self, url: str, verify: bool | str) -> tuple[_Route, str]:
         """The route to ``url``'s origin (made on first use) and the request target."""
-        match = _ORIGIN_RE.match(url)
-        if match is None or match[1].lower() not in ("http", "https"):
+        origin, scheme, netloc = split_origin(url)
+        scheme = scheme.lower()
+        if scheme not in ("http", "https"):
             raise WireError("protocol", f"not an http(s) URL: {url.split('?')[0][:80]}")
-        origin = match[0]
-        key = (origin, verify if match[1].lower() == "https" else False)
+        key = (origin, verify if scheme == "https" else False)
         route = self._routes.get(key)
         if route is None:
             with self._lock:
                 route = self._routes.get(key)
                 if route is None:
-                    route = self._routes[key] = self._new_route(match[1].lower(), match[2],
-                                                                verify)
+                    route = self._routes[key] = self._new_route(scheme, netloc, verify)
         if not _PLAIN_URL.match(url):
             url = _requote(url)
         if route.absolute_form:
@@ -420,6 +415,13 @@ def _wire_error(exc: BaseException, *, connecting: bool = False) -> WireError:
     if isinstance(exc, http.client.HTTPException):
         return WireError("protocol", f"{type(exc).__name__}: {text}")
     return WireError("reset", f"{type(exc).__name__}: {text}")
+
+
+def split_origin(url: str) -> tuple[str, str, str]:
+    """``(scheme://netloc, scheme, netloc)`` of an absolute URL (a cheaper ``urlsplit``);
+    empty strings for a relative one."""
+    match = _ORIGIN_RE.match(url)
+    return (match[1], match[2], match[3]) if match else ("", "", "")
 
 
 def _leaves_origin(old: str, new: str) -> bool:

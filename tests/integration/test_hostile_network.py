@@ -18,11 +18,12 @@ registries (not through the proxies).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,13 +194,20 @@ def failure_details(figures: RunFigures, *proxies: CountingProxy) -> str:
     return "\n".join(lines)
 
 
-def turn_chaos_on(src_proxy: CountingProxy, dst_proxy: CountingProxy) -> None:
-    """30 % faults of the five kinds on both sides, from fixed seeds; and, so that a body cut
-    part way surely happens where it hurts most, the first GET of the several-MB layer is cut
-    half way (armed faults come before the chaos draw)."""
+@contextlib.contextmanager
+def chaos_on(src_proxy: CountingProxy, dst_proxy: CountingProxy) -> Iterator[None]:
+    """30 % faults of the five kinds on both sides, from fixed seeds, for the block (off again
+    after it, also on failure); and, so that a body cut part way surely happens where it hurts
+    most, the first GET of the several-MB layer is cut half way (armed faults come before the
+    chaos draw)."""
     src_proxy.truncate_next(1, BIG_LAYER_DIGEST, method="GET", after_bytes=BIG_LAYER // 2)
     src_proxy.chaos(FAULT_RATE, kinds=FAULT_KINDS, seed="hostile-src", retry_after=1)
     dst_proxy.chaos(FAULT_RATE, kinds=FAULT_KINDS, seed="hostile-dst", retry_after=1)
+    try:
+        yield
+    finally:
+        src_proxy.chaos(0)
+        dst_proxy.chaos(0)
 
 
 def write_rules(directory: Path, src_proxy: CountingProxy, dst_proxy: CountingProxy) -> Path:
@@ -268,12 +276,8 @@ def test_embedded_sync_survives_30_percent_faults_on_both_sides(
     assert_landed(src, clean_dst, pushed)
     assert "8 images: 8 synced" in clean.output, clean.output
 
-    turn_chaos_on(src_proxy, dst_proxy)
-    try:
+    with chaos_on(src_proxy, dst_proxy):
         hostile = embedded_sync("embedded, 30 % faults", tmp_path / "hostile", src_proxy, dst_proxy)
-    finally:
-        src_proxy.chaos(0)
-        dst_proxy.chaos(0)
     print(report(clean, hostile))
     print(big_layer_traffic(src_proxy, dst_proxy))
     # The faults really happened, on both sides, truncated bodies included.
@@ -337,8 +341,7 @@ def test_two_workers_survive_30_percent_faults_on_both_sides(
     assert (summary["total"], summary["synced"], summary["failed"]) == (8, 8, 0), summary
     assert_landed(src, clean_dst, pushed)
 
-    turn_chaos_on(src_proxy, dst_proxy)
-    try:
+    with chaos_on(src_proxy, dst_proxy):
         hostile = distributed_sync(
             "2 workers, 30 % faults",
             tmp_path / "hostile",
@@ -347,9 +350,6 @@ def test_two_workers_survive_30_percent_faults_on_both_sides(
             src_proxy,
             dst_proxy,
         )
-    finally:
-        src_proxy.chaos(0)
-        dst_proxy.chaos(0)
     print(report(clean, hostile))
     print(big_layer_traffic(src_proxy, dst_proxy))
     assert sum(hostile.src_faults.values()) and sum(hostile.dst_faults.values())

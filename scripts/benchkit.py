@@ -26,7 +26,7 @@ from tests.support import images
 from tests.support.celery_workers import clean_env
 from tests.support.delayproxy import DelayProxy
 from tests.support.proxy import CountingProxy
-from tests.support.registry import RegistryProcess
+from tests.support.registry import RedisServer, RegistryProcess
 
 GNU_TIME = "/usr/bin/time"  # Debian package "time"
 #: GNU time's report: user seconds, system seconds, peak RSS in KiB.
@@ -150,8 +150,8 @@ class RequestCounter:
         return len(self.registry.access_log()[self._since:])
 
 
-def registry_cpu(registry: RegistryProcess) -> float:
-    """CPU seconds (user + system) the registry process has used so far."""
+def registry_cpu(registry: RegistryProcess | RedisServer) -> float:
+    """CPU seconds (user + system) the registry (or redis-server) process has used so far."""
     if registry.proc is None:
         return 0.0
     times = psutil.Process(registry.proc.pid).cpu_times()

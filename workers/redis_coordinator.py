@@ -2,10 +2,11 @@
 
 - ``syncer:bloblock:<registry>:<key>``: an exclusive lock — redis-py's :class:`redis.lock.Lock`
   (``SET NX PX`` with a random token, Lua compare-and-delete release) — keyed by a blob digest
-  or any string such as ``manifest:<repo>@<digest>``. A watchdog thread resets its TTL with
-  the lock's atomic ``reacquire`` (a Lua script that checks the token and sets the TTL in one
-  step) while the holder works; if the holder dies the lock expires after ``lock_ttl``
-  seconds, and a waiter takes over.
+  or any string such as ``manifest:<repo>@<digest>``. One keeper thread per process resets
+  the TTL of every lock held there with the lock's atomic ``reacquire`` (a Lua script that
+  checks the token and sets the TTL in one step); if the holder dies the lock expires after
+  ``lock_ttl`` seconds, and a waiter takes over. Waiters poll, briefly at first (see
+  :meth:`RedisBlobCoordinator._acquire`).
 - ``syncer:blobrepos:<registry>:<digest>``: a set of destination repositories known to hold
   the blob — cross-repository mount candidates for every worker.
 - ``syncer:blobhere:<registry>:<repository>@<digest>``: "confirmed there" by some worker,
@@ -24,7 +25,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import redis
@@ -36,6 +37,9 @@ from syncer.registry.errors import TimeLimitExceeded
 from workers.redis_util import text
 
 HOLDERS_TTL = 7 * 24 * 3600
+#: A waiter's first pause between tries (seconds), growing by POLL_GROWTH up to ``poll``.
+FIRST_POLL = 0.01
+POLL_GROWTH = 1.25
 log = logging.getLogger(__name__)
 
 
@@ -45,8 +49,8 @@ class RedisBlobCoordinator:
     ``lock_ttl``: seconds a lock outlives a holder that stopped refreshing it (died) — no
     longer than it takes the liveness layer to enqueue a dead worker's jobs again (30-50 s),
     so that the recovered copy does not wait on its predecessor's lock;
-    ``poll``: seconds between a waiter's tries; ``max_wait``: the longest a waiter waits for a
-    live holder before going on unlocked, whatever its deadline.
+    ``poll``: the longest pause between a waiter's tries; ``max_wait``: the longest a waiter
+    waits for a live holder before going on unlocked, whatever its deadline.
     """
 
     def __init__(
@@ -61,11 +65,14 @@ class RedisBlobCoordinator:
         self.lock_ttl = lock_ttl
         self.poll = poll
         self.max_wait = max_wait
+        self._guard = threading.Lock()
+        self._held: dict[int, Lock] = {}  # locks held in this process, by id
+        self._keeper: threading.Thread | None = None
 
     @contextmanager
     def lock(
         self, registry: str, key: str, *, deadline: float | None = None,
-        wait: float | None = None,
+        wait: float | None = None, until: Callable[[], bool] | None = None,
     ) -> Iterator[bool]:
         """Hold the lock for ``key`` on ``registry`` (waits while another holds it); the
         context value is True.
@@ -73,10 +80,11 @@ class RedisBlobCoordinator:
         Raises :class:`TimeLimitExceeded` when ``deadline`` (a ``time.monotonic()`` value)
         comes first; goes on unlocked when ``max_wait`` passes or Redis fails. With ``wait``
         (seconds, 0: not at all) a lock still held by another after that long is given up:
-        the value is False then, and nothing is held.
+        the value is False then, and nothing is held. ``until`` is asked between tries while
+        waiting: once it answers True the wait ends the same way (False, nothing held).
         """
         name = f"syncer:bloblock:{registry}:{key}"
-        # thread_local=False: the token must be visible to the watchdog thread that extends it.
+        # thread_local=False: the token must be visible to the keeper thread that extends it.
         lock = self.redis.lock(
             name, timeout=self.lock_ttl, sleep=self.poll, thread_local=False,
             raise_on_release_error=False,
@@ -88,14 +96,12 @@ class RedisBlobCoordinator:
         if patient:
             limit = wait
         try:
-            acquired = limit > 0 and lock.acquire(blocking=True, blocking_timeout=limit)
-            if not acquired and limit <= 0:
-                acquired = lock.acquire(blocking=False)  # free right now: take it anyway
+            acquired, told_to_stop = self._acquire(lock, limit, until)
         except redis.RedisError as exc:
             log.warning("lock %s: Redis unavailable (%s); going on unlocked", name, exc)
             yield True
             return
-        if not acquired and patient:
+        if not acquired and (patient or told_to_stop):
             yield False
             return
         if not acquired:
@@ -104,28 +110,65 @@ class RedisBlobCoordinator:
             log.warning("lock %s: still held after %.0fs; going on unlocked", name, limit)
             yield True
             return
-        stop = threading.Event()
-        watchdog = threading.Thread(
-            target=self._keep_alive, args=(lock, stop), name=f"keep-alive {key}", daemon=True
-        )
-        watchdog.start()
+        self._keep(lock)
         try:
             yield True
         finally:
-            stop.set()
-            watchdog.join()
+            self._let_go(lock)
             with contextlib.suppress(LockError, redis.RedisError):
                 lock.release()
 
-    def _keep_alive(self, lock: Lock, stop: threading.Event) -> None:
-        """Reset the lock's TTL every third of it, atomically and only while we own it."""
-        while not stop.wait(self.lock_ttl / 3):
-            try:
-                lock.reacquire()
-            except LockError:
-                return  # expired and taken by another: the work goes on, unlocked (safe)
-            except redis.RedisError:
-                continue  # a Redis blip: try again next round, the TTL still has 2/3 left
+    def _acquire(self, lock: Lock, limit: float, until: Callable[[], bool] | None
+                 ) -> tuple[bool, bool]:
+        """Try to take ``lock`` for up to ``limit`` seconds (once, when ``limit`` <= 0):
+        ``(taken, until said stop)``.
+
+        The pause between tries starts at :data:`FIRST_POLL` and grows to ``self.poll``: the
+        usual holder (a small blob's upload, a manifest PUT) is done within a few round trips,
+        and every waiter behind it would otherwise notice only on its next fixed tick — a
+        convoy of N waiters then costs N ticks, while each needs the lock only for a moment.
+        """
+        ends = time.monotonic() + max(limit, 0.0)
+        pause = min(FIRST_POLL, self.poll)
+        while True:
+            if lock.acquire(blocking=False):
+                return True, False
+            if until is not None and until():
+                return False, True
+            left = ends - time.monotonic()
+            if left <= 0:
+                return False, False
+            time.sleep(min(pause, left))
+            pause = min(pause * POLL_GROWTH, self.poll)
+
+    def _keep(self, lock: Lock) -> None:
+        """Have the keeper thread (started on first use) extend ``lock`` while it is held."""
+        with self._guard:
+            self._held[id(lock)] = lock
+            if self._keeper is None or not self._keeper.is_alive():  # none yet, or forked
+                self._keeper = threading.Thread(
+                    target=self._keep_alive, name="bloblock keep-alive", daemon=True)
+                self._keeper.start()
+
+    def _let_go(self, lock: Lock) -> None:
+        with self._guard:
+            self._held.pop(id(lock), None)
+
+    def _keep_alive(self) -> None:
+        """Every third of the TTL, reset the TTL of every lock held here, atomically and
+        only where we still own it. One thread for all of them: most locks (a small blob,
+        a manifest PUT) are let go long before the first round."""
+        while True:
+            time.sleep(self.lock_ttl / 3)
+            with self._guard:
+                held = list(self._held.values())
+            for lock in held:
+                try:
+                    lock.reacquire()
+                except LockError:
+                    self._let_go(lock)  # expired and taken by another: the work goes on unlocked
+                except redis.RedisError:
+                    continue  # a Redis blip: next round; the TTL still has 2/3 left
 
     def holders(self, registry: str, digest: str) -> list[str]:
         """Destination repositories known to hold the blob."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
@@ -34,13 +34,15 @@ class BlobCoordinator(Protocol):
 
     def lock(
         self, registry: str, key: str, *, deadline: float | None = None,
-        wait: float | None = None,
+        wait: float | None = None, until: Callable[[], bool] | None = None,
     ) -> AbstractContextManager[bool]:
         """Hold exclusive rights for ``key`` (a blob digest, or ``manifest:<repo>@<digest>``)
         on ``registry``; the context value is True. A waiter gives up with
         :class:`TimeLimitExceeded` at ``deadline`` (a ``time.monotonic()`` value). With
         ``wait`` (seconds, 0: not at all) a lock still held by another after that long is
-        given up: the context value is then False and nothing is held."""
+        given up: the context value is then False and nothing is held. ``until``: a
+        coordinator whose waiters poll may ask it between tries and end the wait the same
+        way once it answers True (what the waiter wanted was done meanwhile)."""
 
     def holders(self, registry: str, digest: str) -> list[str]:
         """Repositories of ``registry`` known to hold ``digest`` (candidates to mount from)."""
@@ -70,10 +72,11 @@ class LocalBlobCoordinator:
     @contextmanager
     def lock(
         self, registry: str, key: str, *, deadline: float | None = None,
-        wait: float | None = None,
+        wait: float | None = None, until: Callable[[], bool] | None = None,
     ) -> Iterator[bool]:
         """Hold the lock for this registry + key; wait no later than ``deadline``, and no
-        longer than ``wait`` seconds when given (the context value says whether it is held)."""
+        longer than ``wait`` seconds when given (the context value says whether it is held).
+        ``until`` is not asked: a waiter here wakes the moment the holder lets go."""
         with self._guard:
             key_lock = self._locks[(registry, key)]
         left = None if deadline is None else max(deadline - time.monotonic(), 0.0)

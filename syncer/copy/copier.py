@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import threading
 import time
@@ -347,8 +348,12 @@ class ImageCopier:
             tally.add(blobs_existing=1)
             return
         one_post = bool(dst.mount_answers_presence) and not rechecking
+        # While another copy places it, its word "here now" ends our wait: the copies of a
+        # run that share a base layer need not take the lock one after another to learn so.
+        placed = None if rechecking else functools.partial(self._known, registry, dst_repo,
+                                                             digest)
         with self.coordinator.lock(
-            registry, digest, deadline=tally.deadline, wait=BLOB_LOCK_PATIENCE
+            registry, digest, deadline=tally.deadline, wait=BLOB_LOCK_PATIENCE, until=placed
         ) as held:
             if held and not rechecking and self._known(registry, dst_repo, digest):
                 tally.add(blobs_existing=1)  # placed by a copy that held the lock a moment ago
@@ -357,6 +362,9 @@ class ImageCopier:
                 self._place_blob(src, src_repo, dst, dst_repo, digest, size, tally,
                                  check=not one_post)
                 return
+        if not rechecking and self.presence.known(registry, dst_repo, digest):
+            tally.add(blobs_existing=1)  # confirmed by the copy we waited for (``placed``)
+            return
         # Another copy is still placing this digest on this registry (a long upload, maybe to
         # another repository): if it is here already, do not wait behind it.
         if self._blob_here(dst, dst_repo, digest, tally):

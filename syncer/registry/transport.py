@@ -209,9 +209,21 @@ class Transport:
         return self._base_url
 
     def _discover_scheme(self) -> str:
-        plain_allowed = self.insecure or is_loopback(self.host)
-        https = f"https://{self.host}"
+        loopback = is_loopback(self.host)
+        https, http = f"https://{self.host}", f"http://{self.host}"
         self.gate.wait(self.host)
+        plain_error: WireError | None = None
+        if loopback:
+            # A registry on this machine is most often plain HTTP (``registry:2`` on
+            # localhost:5000, or a local tunnel or relay to a far one): ask that first and
+            # save a TLS handshake bound to fail, a round trip through a tunnel. Nothing
+            # leaves the host, and a ping carries no credentials. A TLS-only server answers
+            # plain HTTP with a 400 (or hangs up): then TLS, as for any other host.
+            try:
+                if self._plain_registry(http):
+                    return http
+            except WireError as exc:
+                plain_error = exc
         try:
             answer = limited(self.limit, lambda: self.http.send(
                 "GET", f"{https}/v2/", {}, verify=self.verify, follow_redirects=False
@@ -219,29 +231,37 @@ class Transport:
             self._observe("GET", answer.url, answer.status_code)
             return https
         except WireError as exc:
-            if not plain_allowed:
+            if not (self.insecure or loopback):
                 self._observe("GET", f"{https}/v2/", None)
                 raise self._transport_error("ping", exc) from None
             tls_error = exc
-        http = f"http://{self.host}"
-        try:
-            answer = limited(self.limit, lambda: self.http.send(
-                "GET", f"{http}/v2/", {}, follow_redirects=False
-            ))
-        except WireError as exc:
+        if not loopback:
+            try:
+                if self._plain_registry(http):
+                    return http
+            except WireError as exc:
+                plain_error = exc
+        if plain_error is not None:
             # Neither scheme answered: a network fault (retried), not a TLS verdict.
             self._observe("GET", f"{http}/v2/", None)
-            raise self._transport_error("ping", exc) from None
+            raise self._transport_error("ping", plain_error) from None
+        self._observe("GET", f"{https}/v2/", None)
+        raise self._transport_error("ping", tls_error) from None
+
+    def _plain_registry(self, http: str) -> bool:
+        """``GET /v2/`` over plain HTTP: True when a registry answers (200 or 401), False for
+        another answer (a TLS-only server's 400). A transient 5xx/429 (a proxy or a registry
+        in trouble) raises its error, to be tried again; no answer raises the WireError."""
+        answer = limited(self.limit, lambda: self.http.send(
+            "GET", f"{http}/v2/", {}, follow_redirects=False
+        ))
         self._observe("GET", answer.url, answer.status_code)
-        # A TLS-only server answers plain HTTP with a 400; a registry answers 200 or 401, or
-        # a transient 5xx/429 (a proxy or a registry in trouble: try again).
         if answer.status_code in (200, 401):
-            return http
+            return True
         if answer.status_code >= 500 or answer.status_code in (408, 429):
             self._observe("GET", answer.url, answer.status_code, failed=True)
             self._raise_for(answer, "ping")
-        self._observe("GET", f"{https}/v2/", None)
-        raise self._transport_error("ping", tls_error) from None
+        return False
 
     def _transport_error(self, what: str, exc: WireError) -> TransportError:
         if exc.kind == "tls":

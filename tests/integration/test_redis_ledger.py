@@ -1,6 +1,7 @@
 """The Redis ledger and blob coordinator against a real redis-server: each job's final state
 and counters count once, late duplicates change nothing, lost workers are counted and capped;
-the upload lock excludes, is kept alive atomically, and a waiter respects its deadline."""
+the upload lock excludes, is kept alive atomically by one keeper thread, and a waiter
+respects its deadline and stops waiting once the work it waited for is done."""
 
 from __future__ import annotations
 
@@ -106,6 +107,64 @@ def test_blob_lock_keep_alive_outlives_its_ttl_and_a_waiter_respects_its_deadlin
     # Free: a past deadline still gets a free lock (the copy's own checks end it).
     with waiter.lock("dst.io", "manifest:b/app@sha256:abc", deadline=time.monotonic() - 1):
         assert client.get(name) is not None
+
+
+def test_a_waiter_stops_waiting_once_the_work_is_done_and_convoys_are_short(redis_server):
+    """``until`` ends a wait without the lock (the holder did what the waiter wanted), and
+    waiters queued behind short holds poll briefly at first: twelve copies that each need a
+    key for a moment get through in well under the twelve default 0.2 s polls a fixed pause
+    would cost them."""
+    client = redis.Redis.from_url(str(redis_server))
+    holder, waiter = RedisBlobCoordinator(client), RedisBlobCoordinator(client)
+    name = "syncer:bloblock:dst.io:sha256:feed"
+    done = threading.Event()
+    asked: list[float] = []
+
+    def placed() -> bool:
+        asked.append(time.monotonic())
+        return done.is_set()
+
+    with holder.lock("dst.io", "sha256:feed"):
+        threading.Timer(0.3, done.set).start()
+        started = time.monotonic()
+        with waiter.lock("dst.io", "sha256:feed", deadline=started + 30, until=placed) as held:
+            waited = time.monotonic() - started
+            assert held is False
+            assert client.get(name) is not None  # still the holder's: the waiter took nothing
+        assert 0.3 <= waited < 1.5
+        assert len(asked) >= 3  # asked between tries, not only once
+
+    entered: list[float] = []
+
+    def brief(index: int) -> None:
+        with RedisBlobCoordinator(client).lock("dst.io", "sha256:convoy"):
+            entered.append(time.monotonic())
+            time.sleep(0.005)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=brief, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(entered) == 12
+    assert time.monotonic() - started < 12 * 0.2 / 2
+
+
+def test_one_keeper_thread_extends_every_lock_held_and_forgets_released_ones(redis_server):
+    client = redis.Redis.from_url(str(redis_server))
+    coordinator = RedisBlobCoordinator(client, lock_ttl=0.6)
+    names = [f"syncer:bloblock:dst.io:sha256:{i}" for i in range(5)]
+    before = threading.active_count()
+    with coordinator.lock("dst.io", "sha256:0"), coordinator.lock("dst.io", "sha256:1"), \
+            coordinator.lock("dst.io", "sha256:2"), coordinator.lock("dst.io", "sha256:3"):
+        with coordinator.lock("dst.io", "sha256:4"):
+            pass  # released at once: the keeper must not bring it back
+        assert threading.active_count() == before + 1  # one keeper, not one thread per lock
+        time.sleep(1.5)  # > 2 TTLs
+        assert all(0 < client.pttl(n) <= 600 for n in names[:4])
+        assert client.exists(names[4]) == 0
+    assert client.exists(*names) == 0
 
 
 def test_blob_lock_max_wait_and_redis_failure_degrade_to_unlocked(redis_server):

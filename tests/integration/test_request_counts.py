@@ -402,6 +402,49 @@ def test_workers_share_what_they_confirmed_through_redis(make_registry, make_pro
         assert dst_proxy.count(None, images.sha256_digest(layer)) == 0
 
 
+def test_racing_workers_place_a_shared_layer_once(make_registry, make_proxy, redis_server):
+    """Two workers of four threads each (two copiers, two Redis coordinators, as two
+    processes have) copy eight images sharing two base layers all at once — five rounds, each
+    into a fresh destination registry. Every image lands digest-identical, and each base
+    layer's bytes are PUT once per round: the copies that wanted it meanwhile waited for the
+    first and took its word (the blob lock's ``until``), none uploaded it again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import redis
+
+    from workers.redis_coordinator import RedisBlobCoordinator
+
+    src = make_registry()
+    src_proxy = make_proxy(src)
+    tags = [f"v{i}" for i in range(8)]
+    for tag in tags:
+        push_app(src, "app/web", tag)
+    for _ in range(5):
+        dst = make_registry()
+        dst_proxy = make_proxy(dst)
+        workers = [
+            ImageCopier(registries_for(src, dst),
+                        coordinator=RedisBlobCoordinator(redis.Redis.from_url(redis_server)))
+            for _ in range(2)
+        ]
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(copy, workers[i % 2], src_proxy, dst_proxy,
+                                   f"app/web:{tag}", f"m/app:{tag}")
+                       for i, tag in enumerate(tags)]
+            results = [future.result() for future in futures]
+        for tag in tags:
+            assert_identical(src, "app/web", dst, "m/app", tag)
+        for layer in BASE:
+            digest = images.sha256_digest(layer)
+            puts = [r for r in dst_proxy.records if r.method == "PUT"
+                    and digest in unquote(r.query)]
+            assert len(puts) == 1, f"{digest} PUT {len(puts)} times"
+        # Each image: its own layer and config copied; the base layers copied by one
+        # copy and found (confirmed, or waited for) by the seven others.
+        assert sum(r.blobs_copied for r in results) == 2 * len(tags) + len(BASE)
+        assert sum(r.blobs_existing for r in results) == len(BASE) * (len(tags) - 1)
+
+
 def test_blob_lock_patience(redis_server):
     """A copy that finds a blob's lock held waits a little, then gives up without holding
     it (and HEADs instead) — in process and across workers (Redis)."""

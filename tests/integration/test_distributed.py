@@ -164,6 +164,10 @@ def redis_values(client: redis.Redis) -> Iterator[tuple[bytes, bytes, bool]]:
             values = list(client.smembers(key))
         elif kind == "zset":
             values = [member for member, _ in client.zrange(key, 0, -1, withscores=True)]
+        elif kind == "none":
+            # Gone between SCAN and TYPE (mid-run: a blob lock let go, a lease expired): it
+            # holds nothing any more, but its name is still checked below.
+            values = []
         else:
             pytest.fail(f"unexpected Redis type {kind} for {key!r}")
         yield key, key, False

@@ -72,10 +72,9 @@ from scripts.benchkit import (
     measured,
     poll_peak,
     read_time,
-    registry_cpu,
-    relay_cpu,
     seed_layers,
     seed_small,
+    server_cpu,
     syncer_bin,
     timed,
     tool_env,
@@ -106,6 +105,7 @@ OUT = Path("bench-out")
 # What the issue asks of the latency profile (reported, not enforced).
 TARGETS = {"small": 0.06, "layers": 0.3}
 DISTRIBUTED_TARGET = 0.6
+CORES = os.cpu_count() or 1  # shared by the tools, the registries, the relays and Redis
 
 
 class Bench:
@@ -228,7 +228,7 @@ class Bench:
         """Both tools through delaying proxies; the ``--proc`` sweep; workers of 8."""
         print(f"profile latency ({LATENCY * 1000:.0f} ms round trip)…", flush=True)
         with self.far_away("dst-latency", LATENCY) as (dst, src_proxy, dst_proxy, sides):
-            relays_before = relay_cpu(src_proxy, dst_proxy)
+            relays_before = server_cpu(src_proxy, dst_proxy)
             self.side_by_side("latency", src_proxy.host, dst_proxy.host, sides)
             for proc in PROCS:
                 commands = self.syncer_small(src_proxy.host, dst_proxy.host, f"sweep-{proc}",
@@ -239,7 +239,7 @@ class Bench:
                 for workers in (1, 2):
                     self.distributed.append(
                         self.measure_workers(dst, src_proxy, dst_proxy, sides, workers, 8))
-            self.relay_cpu = relay_cpu(src_proxy, dst_proxy) - relays_before
+            self.relay_cpu = server_cpu(src_proxy, dst_proxy) - relays_before
         if DISTRIBUTED and FAR_LATENCY:
             self.far_workers()
 
@@ -348,20 +348,19 @@ class Bench:
                     worker.start()
                 for side in sides:
                     side.mark()
-                before = sum(registry_cpu(r) for r in (self.src, dst))
-                relays_before = relay_cpu(src_proxy, dst_proxy)
-                redis_before = registry_cpu(redis_server)
+                before = server_cpu(self.src, dst)
+                relays_before = server_cpu(src_proxy, dst_proxy)
+                redis_before = server_cpu(redis_server)
                 result, workers_cpu = self.plan_and_wait(commands[0], env, workers)
-                after = sum(registry_cpu(r) for r in (self.src, dst))
-                relays = relay_cpu(src_proxy, dst_proxy) - relays_before
-                redis_cpu = registry_cpu(redis_server) - redis_before
+                after = server_cpu(self.src, dst)
+                relays = server_cpu(src_proxy, dst_proxy) - relays_before
+                redis_cpu = server_cpu(redis_server) - redis_before
             finally:
                 for worker in workers:
                     worker.stop()
         result.cpu += workers_cpu
         run = Run(profile, label, "syncer", self.small_images, result,
-                  sides[0].count(), sides[1].count(), after - before, relays)
-        run.extra["redis_cpu"] = redis_cpu
+                  sides[0].count(), sides[1].count(), after - before, relays, redis_cpu)
         return self.check_landed(run, dst, f"workers-{name}")
 
     def plan_and_wait(self, sync_command: list[str], env: dict,
@@ -535,20 +534,19 @@ def report(bench: Bench) -> tuple[str, bool]:
 def cpu_floor(run: Run) -> float:
     """The shortest wall time ``run``'s CPU allows on this machine's cores: every process it
     kept busy (workers, planner, registries, relays, redis-server) over ``os.cpu_count()``."""
-    busy = run.result.cpu + run.registries_cpu + run.relays_cpu + run.extra.get("redis_cpu", 0)
-    return busy / (os.cpu_count() or 1)
+    busy = run.result.cpu + run.registries_cpu + run.relays_cpu + run.redis_cpu
+    return busy / CORES
 
 
 def cpu_floor_lines(runs: list[Run]) -> list[str]:
     """Per distributed run: where its CPU went, and the wall time that CPU allows at best."""
-    cores = os.cpu_count() or 1
     lines = [f"| distributed run | workers + planner CPU | registries | relays | redis | "
-             f"CPU floor on {cores} cores | wall |", "|---|---|---|---|---|---|---|"]
+             f"CPU floor on {CORES} cores | wall |", "|---|---|---|---|---|---|---|"]
     for run in runs:
         lines.append(
             f"| {run.profile} / {run.workload} | {run.result.cpu:.2f} s | "
             f"{run.registries_cpu:.2f} s | {run.relays_cpu:.2f} s | "
-            f"{run.extra.get('redis_cpu', 0):.2f} s | {cpu_floor(run):.2f} s | "
+            f"{run.redis_cpu:.2f} s | {cpu_floor(run):.2f} s | "
             f"{run.result.seconds:.2f} s |")
     return lines
 

@@ -150,20 +150,13 @@ class RequestCounter:
         return len(self.registry.access_log()[self._since:])
 
 
-def registry_cpu(registry: RegistryProcess | RedisServer) -> float:
-    """CPU seconds (user + system) the registry (or redis-server) process has used so far."""
-    if registry.proc is None:
-        return 0.0
-    times = psutil.Process(registry.proc.pid).cpu_times()
-    return times.user + times.system
-
-
-def relay_cpu(*relays: DelayProxy | None) -> float:
-    """CPU seconds (user + system) the delay relays' processes have used so far."""
+def server_cpu(*servers: RegistryProcess | DelayProxy | RedisServer | None) -> float:
+    """CPU seconds (user + system) the servers' processes (registries, delay relays,
+    redis-server) have used so far, together; None or a server not started counts 0."""
     total = 0.0
-    for relay in relays:
-        if relay is not None and relay.proc is not None:
-            times = psutil.Process(relay.proc.pid).cpu_times()
+    for server in servers:
+        if server is not None and server.proc is not None:
+            times = psutil.Process(server.proc.pid).cpu_times()
             total += times.user + times.system
     return total
 
@@ -181,6 +174,7 @@ class Run:
     dst_requests: int = 0
     registries_cpu: float = 0.0
     relays_cpu: float = 0.0  # the delay relays in front of the registries (latency profile)
+    redis_cpu: float = 0.0  # redis-server (distributed runs)
     note: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -212,11 +206,11 @@ def measured(
     src.mark()
     dst.mark()
     registries = (src.registry, dst.registry)
-    cpu_before = sum(registry_cpu(r) for r in registries)
-    relays_before = relay_cpu(src.relay, dst.relay)
+    cpu_before = server_cpu(*registries)
+    relays_before = server_cpu(src.relay, dst.relay)
     parts = [measure(command, env=env, timeout=timeout) for command in commands]
-    cpu_after = sum(registry_cpu(r) for r in registries)
-    relays = relay_cpu(src.relay, dst.relay) - relays_before
+    cpu_after = server_cpu(*registries)
+    relays = server_cpu(src.relay, dst.relay) - relays_before
     total = Measure(
         sum(p.seconds for p in parts),
         sum(p.cpu for p in parts),

@@ -34,7 +34,7 @@ from redis.lock import Lock
 
 from syncer.copy.coordinator import PRESENCE_TTL
 from syncer.registry.errors import TimeLimitExceeded
-from workers.redis_util import text
+from workers.redis_util import Renewer, text
 
 HOLDERS_TTL = 7 * 24 * 3600
 #: A waiter's first pause between tries (seconds), growing by POLL_GROWTH up to ``poll``.
@@ -67,7 +67,7 @@ class RedisBlobCoordinator:
         self.max_wait = max_wait
         self._guard = threading.Lock()
         self._held: dict[int, Lock] = {}  # locks held in this process, by id
-        self._keeper: threading.Thread | None = None
+        self._keeper = Renewer("bloblock keep-alive", lock_ttl / 3, self._extend_held)
 
     @contextmanager
     def lock(
@@ -86,7 +86,7 @@ class RedisBlobCoordinator:
         name = f"syncer:bloblock:{registry}:{key}"
         # thread_local=False: the token must be visible to the keeper thread that extends it.
         lock = self.redis.lock(
-            name, timeout=self.lock_ttl, sleep=self.poll, thread_local=False,
+            name, timeout=self.lock_ttl, thread_local=False,
             raise_on_release_error=False,
         )
         limit = self.max_wait
@@ -142,33 +142,28 @@ class RedisBlobCoordinator:
             pause = min(pause * POLL_GROWTH, self.poll)
 
     def _keep(self, lock: Lock) -> None:
-        """Have the keeper thread (started on first use) extend ``lock`` while it is held."""
+        """Have the keeper thread extend ``lock`` while it is held."""
         with self._guard:
             self._held[id(lock)] = lock
-            if self._keeper is None or not self._keeper.is_alive():  # none yet, or forked
-                self._keeper = threading.Thread(
-                    target=self._keep_alive, name="bloblock keep-alive", daemon=True)
-                self._keeper.start()
+        self._keeper.ensure()
 
     def _let_go(self, lock: Lock) -> None:
         with self._guard:
             self._held.pop(id(lock), None)
 
-    def _keep_alive(self) -> None:
-        """Every third of the TTL, reset the TTL of every lock held here, atomically and
-        only where we still own it. One thread for all of them: most locks (a small blob,
-        a manifest PUT) are let go long before the first round."""
-        while True:
-            time.sleep(self.lock_ttl / 3)
-            with self._guard:
-                held = list(self._held.values())
-            for lock in held:
-                try:
-                    lock.reacquire()
-                except LockError:
-                    self._let_go(lock)  # expired and taken by another: the work goes on unlocked
-                except redis.RedisError:
-                    continue  # a Redis blip: next round; the TTL still has 2/3 left
+    def _extend_held(self) -> None:
+        """Reset the TTL of every lock held here, atomically and only where we still own it
+        (the keeper's round, every third of the TTL: most locks — a small blob, a manifest
+        PUT — are let go long before the first)."""
+        with self._guard:
+            held = list(self._held.values())
+        for lock in held:
+            try:
+                lock.reacquire()
+            except LockError:
+                self._let_go(lock)  # expired and taken by another: the work goes on unlocked
+            except redis.RedisError:
+                continue  # a Redis blip: next round; the TTL still has 2/3 left
 
     def holders(self, registry: str, digest: str) -> list[str]:
         """Destination repositories known to hold the blob."""

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import redis
 
 from syncer.registry.limits import LocalBackend
-from workers.redis_util import RedisOutage
+from workers.redis_util import RedisOutage, Renewer
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class RedisLimitBackend:
         self._serial = 0
         self._held: dict[str, str] = {}  # lease id -> registry
         self._cond = threading.Condition()
-        self._renewer: threading.Thread | None = None
+        self._renewer = Renewer("syncer-limit-leases", lease_ttl / 3, self.renew)
         self._outage = RedisOutage(
             log, "registry limits are not shared for %.0fs (Redis: %s); this worker counts its "
             "own requests only", clock=clock,
@@ -154,7 +154,7 @@ class RedisLimitBackend:
             if taken:
                 with self._cond:
                     self._held[lease] = registry
-                self._ensure_renewer()
+                self._renewer.ensure()
                 return lease
             left = end - self._clock()
             if left <= 0:
@@ -179,20 +179,6 @@ class RedisLimitBackend:
             self.client.zrem(self.slots_key(registry), str(token))
         except (redis.RedisError, OSError) as exc:
             self._outage.failed(exc)
-
-    def _ensure_renewer(self) -> None:
-        with self._cond:
-            if self._renewer is not None and self._renewer.is_alive():
-                return
-            self._renewer = threading.Thread(
-                target=self._renew_forever, name="syncer-limit-leases", daemon=True
-            )
-            self._renewer.start()
-
-    def _renew_forever(self) -> None:
-        while True:
-            time.sleep(self.lease_ttl / 3)
-            self.renew()
 
     def renew(self) -> None:
         """Push the expiry of every lease this process holds (one script per registry)."""

@@ -4,7 +4,10 @@
 - :class:`RedisOutage`: "Redis is down: fall back to this worker's own state for
   :data:`ERROR_BACKOFF` seconds, say so once, then try Redis again" — what the shared
   rate-limit pauses (:mod:`workers.redis_hostgate`) and the shared registry limits
-  (:mod:`workers.redis_limiter`) do when Redis fails, so that a Redis outage never fails a copy.
+  (:mod:`workers.redis_limiter`) do when Redis fails, so that a Redis outage never fails a copy;
+- :class:`Renewer`: one thread per process that renews what the process holds in Redis with a
+  TTL — registry-limit leases (:mod:`workers.redis_limiter`), blob locks
+  (:mod:`workers.redis_coordinator`).
 """
 
 from __future__ import annotations
@@ -57,3 +60,33 @@ class RedisOutage:
             self._down_until = now + self.backoff
         if first:
             self.logger.warning(self.message, self.backoff, type(exc).__name__)
+
+
+class Renewer:
+    """One daemon thread per process that calls ``renew()`` every ``interval`` seconds.
+
+    For keys this process holds in Redis with a TTL (a third of it is the usual interval):
+    ``renew`` extends whatever is held at that moment, so one thread serves any number of
+    holdings. Started by the first :meth:`ensure`, and again after a fork (a forked child
+    inherits the object but not the thread).
+    """
+
+    def __init__(self, name: str, interval: float, renew: Callable[[], None]):
+        self.name = name
+        self.interval = interval
+        self.renew = renew
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def ensure(self) -> None:
+        """Start the thread unless it runs."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            self.renew()

@@ -212,56 +212,46 @@ class Transport:
         loopback = is_loopback(self.host)
         https, http = f"https://{self.host}", f"http://{self.host}"
         self.gate.wait(self.host)
-        plain_error: WireError | None = None
-        if loopback:
-            # A registry on this machine is most often plain HTTP (``registry:2`` on
-            # localhost:5000, or a local tunnel or relay to a far one): ask that first and
-            # save a TLS handshake bound to fail, a round trip through a tunnel. Nothing
-            # leaves the host, and a ping carries no credentials. A TLS-only server answers
-            # plain HTTP with a 400 (or hangs up): then TLS, as for any other host.
+        if not (self.insecure or loopback):
             try:
-                if self._plain_registry(http):
-                    return http
+                self._ping(https)
             except WireError as exc:
-                plain_error = exc
-        try:
-            answer = limited(self.limit, lambda: self.http.send(
-                "GET", f"{https}/v2/", {}, verify=self.verify, follow_redirects=False
-            ))
-            self._observe("GET", answer.url, answer.status_code)
-            return https
-        except WireError as exc:
-            if not (self.insecure or loopback):
                 self._observe("GET", f"{https}/v2/", None)
                 raise self._transport_error("ping", exc) from None
-            tls_error = exc
-        if not loopback:
+            return https
+        # Plain HTTP is allowed: TLS first, as docker does for an insecure registry — but a
+        # registry on this machine is most often plain HTTP (``registry:2`` on localhost:5000,
+        # or a local tunnel or relay to a far one), so there plain HTTP goes first and saves a
+        # TLS handshake bound to fail, a round trip through a tunnel (nothing leaves the host,
+        # and a ping carries no credentials). A TLS-only server answers plain HTTP with a 400
+        # (or hangs up).
+        failures: dict[str, WireError] = {}
+        for base in (http, https) if loopback else (https, http):
             try:
-                if self._plain_registry(http):
-                    return http
+                answer = self._ping(base)
             except WireError as exc:
-                plain_error = exc
-        if plain_error is not None:
+                failures[base] = exc
+                continue
+            status = answer.status_code
+            if base == https or status in (200, 401):
+                return base
+            if status >= 500 or status in (408, 429):  # a proxy or a registry in trouble
+                self._observe("GET", answer.url, status, failed=True)
+                self._raise_for(answer, "ping")
+        if http in failures:
             # Neither scheme answered: a network fault (retried), not a TLS verdict.
             self._observe("GET", f"{http}/v2/", None)
-            raise self._transport_error("ping", plain_error) from None
+            raise self._transport_error("ping", failures[http]) from None
         self._observe("GET", f"{https}/v2/", None)
-        raise self._transport_error("ping", tls_error) from None
+        raise self._transport_error("ping", failures[https]) from None
 
-    def _plain_registry(self, http: str) -> bool:
-        """``GET /v2/`` over plain HTTP: True when a registry answers (200 or 401), False for
-        another answer (a TLS-only server's 400). A transient 5xx/429 (a proxy or a registry
-        in trouble) raises its error, to be tried again; no answer raises the WireError."""
+    def _ping(self, base: str) -> Response:
+        """``GET /v2/`` at ``base``, observed. Raises WireError when nothing answers."""
         answer = limited(self.limit, lambda: self.http.send(
-            "GET", f"{http}/v2/", {}, follow_redirects=False
+            "GET", f"{base}/v2/", {}, verify=self.verify, follow_redirects=False
         ))
         self._observe("GET", answer.url, answer.status_code)
-        if answer.status_code in (200, 401):
-            return True
-        if answer.status_code >= 500 or answer.status_code in (408, 429):
-            self._observe("GET", answer.url, answer.status_code, failed=True)
-            self._raise_for(answer, "ping")
-        return False
+        return answer
 
     def _transport_error(self, what: str, exc: WireError) -> TransportError:
         if exc.kind == "tls":

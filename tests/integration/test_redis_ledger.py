@@ -136,13 +136,13 @@ def test_a_waiter_stops_waiting_once_the_work_is_done_and_convoys_are_short(redi
 
     entered: list[float] = []
 
-    def brief(index: int) -> None:
+    def brief() -> None:
         with RedisBlobCoordinator(client).lock("dst.io", "sha256:convoy"):
             entered.append(time.monotonic())
             time.sleep(0.005)
 
     started = time.monotonic()
-    threads = [threading.Thread(target=brief, args=(i,)) for i in range(12)]
+    threads = [threading.Thread(target=brief) for _ in range(12)]
     for thread in threads:
         thread.start()
     for thread in threads:

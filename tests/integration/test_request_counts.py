@@ -58,6 +58,11 @@ def kinds(proxy) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def blob_puts(proxy, digest: str) -> list:
+    """The upload PUTs ``proxy`` saw that complete blob ``digest`` (its ``?digest=``)."""
+    return [r for r in proxy.records if r.method == "PUT" and digest in unquote(r.query)]
+
+
 def mount_from(record) -> str | None:
     """The ``from=`` repository of a mount POST (None for any other request)."""
     found = parse_qs(record.query).get("from")
@@ -201,8 +206,7 @@ def test_a_run_of_images_sharing_base_layers(make_registry, make_proxy):
     # the other, and after that never asked for again.
     for layer in BASE:
         digest = images.sha256_digest(layer)
-        puts = [r for r in dst_proxy.records
-                if r.method == "PUT" and digest in unquote(r.query)]
+        puts = blob_puts(dst_proxy, digest)
         assert len(puts) == 1
         mounts = [r for r in dst_proxy.records if r.status == 201
                   and parse_qs(r.query).get("mount") == [digest]
@@ -300,8 +304,7 @@ def test_single_request_upload_is_probed_and_nothing_is_lost(make_registry, make
     assert with_body and all(r.status == 202 and r.request_bytes > 0 for r in with_body)
     for post in with_body:
         digest = parse_qs(post.query)["digest"][0]
-        puts = [r for r in dst_proxy.records if r.method == "PUT"
-                and digest in unquote(r.query)]
+        puts = blob_puts(dst_proxy, digest)
         assert len(puts) == 1  # the same bytes, to the session the POST opened
         assert puts[0].request_bytes == post.request_bytes <= SINGLE_POST_PROBE_MAX
     assert dst_proxy.count("POST") + dst_proxy.count("PUT", "/blobs/") == 2 * len(
@@ -436,8 +439,7 @@ def test_racing_workers_place_a_shared_layer_once(make_registry, make_proxy, red
             assert_identical(src, "app/web", dst, "m/app", tag)
         for layer in BASE:
             digest = images.sha256_digest(layer)
-            puts = [r for r in dst_proxy.records if r.method == "PUT"
-                    and digest in unquote(r.query)]
+            puts = blob_puts(dst_proxy, digest)
             assert len(puts) == 1, f"{digest} PUT {len(puts)} times"
         # Each image: its own layer and config copied; the base layers copied by one
         # copy and found (confirmed, or waited for) by the seven others.
